@@ -1,0 +1,1 @@
+"""Quantized linear layers: one file per weight format, one shared interface."""

@@ -1,0 +1,194 @@
+"""The `s2edge` command line. Each user-caused failure prints one line and exits with its own code."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from runtime import __version__
+from runtime.checkpoint import expected_shapes, open_checkpoint, validate
+from runtime.config import bundled_config
+from runtime.engine import GenerationConfig, generate
+from runtime.errors import InputError, ResourceError, S2EdgeError
+from runtime.files import atomic_path
+from runtime.loader import PRECISIONS, load_model, resolve_device
+from runtime.prompt import Reference, build_prompt, check_codes
+from runtime.sampling import SamplingParams
+from runtime.synthetic import write_checkpoint
+
+FRAME_RATE = 44100 / 2048  # codec frames per second of audio
+
+
+class _Main(click.Group):
+    """Turns S2EdgeError into `error: <message>` + exit code; `--debug` keeps the traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except torch.OutOfMemoryError:
+            if ctx.params.get("debug"):
+                raise
+            click.echo("error: out of memory: use a smaller --max-new-tokens or another device", err=True)
+            sys.exit(ResourceError.exit_code)
+        except S2EdgeError as exc:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.version_option(__version__, prog_name="s2edge")
+def main(debug: bool) -> None:
+    """Fish Audio S2 Pro voice cloning on one consumer GPU.
+
+    Typical use: `s2edge synthesize --checkpoint checkpoints/s2-pro --text "..." --reference-codes ref.npy
+    --reference-text "transcript of ref" --codes-out out.npy`.
+    """
+
+
+def _read_text(text: str | None, text_file: Path | None) -> str:
+    if (text is None) == (text_file is None):
+        raise InputError("give the text to speak with exactly one of --text or --text-file")
+    if text_file is not None:
+        try:
+            text = text_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{text_file}: cannot read text ({exc.__class__.__name__})") from None
+    if not text.strip():
+        raise InputError("the text to speak is empty")
+    return text
+
+
+def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], num_codebooks: int, size: int) -> list[Reference]:
+    if len(paths) != len(texts):
+        raise InputError(
+            f"{len(paths)} --reference-codes but {len(texts)} --reference-text: give one transcript per reference"
+        )
+    references = []
+    for path, text in zip(paths, texts):
+        try:
+            array = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise InputError(f"{path}: reference codes file not found") from None
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: not a readable .npy file ({exc})") from None
+        if not text.strip():
+            raise InputError(f"{path}: its --reference-text is empty")
+        references.append(Reference(check_codes(array, num_codebooks, size, what=str(path)), text))
+    return references
+
+
+def _save_codes(path: Path, codes: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, codes)
+
+
+@main.command()
+@click.option("--checkpoint", "-c", type=click.Path(path_type=Path), default=Path("checkpoints/s2-pro"),
+              show_default=True, help="Folder with config.json, tokenizer.json and the safetensors shards.")
+@click.option("--text", "-t", help="The text to speak.")
+@click.option("--text-file", type=click.Path(path_type=Path), help="Read the text to speak from a UTF-8 file.")
+@click.option("--reference-codes", "-r", type=click.Path(path_type=Path), multiple=True,
+              help="Codec codes [10, T] (.npy) of a reference recording. Repeat for several speakers.")
+@click.option("--reference-text", multiple=True,
+              help="Transcript of the matching reference, in the same order as --reference-codes.")
+@click.option("--codes-out", type=click.Path(path_type=Path), default=Path("output.npy"), show_default=True,
+              help="Where to write the generated codes [10, n] (.npy, int64).")
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="Sampling temperature, in (0, 2).")
+@click.option("--top-p", type=float, default=0.8, show_default=True, help="Nucleus mass kept, in (0, 1].")
+@click.option("--top-k", type=int, default=30, show_default=True, help="Candidates kept per draw.")
+@click.option("--seed", type=int, default=None, help="Seed for reproducible output (random if not given).")
+@click.option("--max-new-tokens", type=int, default=1024, show_default=True,
+              help="Most frames to generate (21.5 frames per second of audio).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(sorted(PRECISIONS)), default="bf16", show_default=True,
+              help="Weight and activation precision.")
+def synthesize(
+    checkpoint: Path,
+    text: str | None,
+    text_file: Path | None,
+    reference_codes: tuple[Path, ...],
+    reference_text: tuple[str, ...],
+    codes_out: Path,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    max_new_tokens: int,
+    device: str,
+    precision: str,
+) -> None:
+    """Speak TEXT in the voice of the reference(s) and write the codec codes."""
+    text = _read_text(text, text_file)
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+    target = resolve_device(device)
+    header = open_checkpoint(checkpoint)
+    references = _read_references(
+        reference_codes, reference_text, header.config.num_codebooks, header.config.codebook_size
+    )
+    with click.progressbar(length=header.total_bytes(), label="loading", file=sys.stderr) as bar:
+        loaded = load_model(checkpoint, target, PRECISIONS[precision], on_tensor=lambda _k, n: bar.update(n))
+    model = loaded.model
+    prompt = build_prompt(loaded.tokenizer, text, references, model.config.num_codebooks)
+    start = time.perf_counter()
+    with click.progressbar(length=max_new_tokens, label="generating", file=sys.stderr) as bar:
+        result = generate(model, prompt, config, on_frame=lambda _i: bar.update(1))
+    elapsed = time.perf_counter() - start
+    _save_codes(codes_out, result.codes.numpy())
+    n = result.codes.shape[1]
+    ending = "stopped at <|im_end|>" if result.stopped else "frame budget reached"
+    click.echo(
+        f"wrote {codes_out}: codes [{result.codes.shape[0]}, {n}] = {n / FRAME_RATE:.2f} s of audio; "
+        f"{ending}; prompt {result.prompt_tokens} tokens; {n / max(elapsed, 1e-9):.1f} frames/s on {target}"
+    )
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+def inspect(checkpoint: Path) -> None:
+    """Summarise CHECKPOINT: configuration, parameter counts, files and dtypes (reads headers only)."""
+    ckpt = open_checkpoint(checkpoint)
+    validate(ckpt)
+    c = ckpt.config
+    counts = {key: math.prod(entry.shape) for key, entry in ckpt.tensors.items()}
+    total = sum(counts.values())
+    slow = sum(n for key, n in counts.items() if not key.startswith("fast_"))
+    click.echo(f"checkpoint   {ckpt.folder}")
+    click.echo(f"slow AR      {c.slow.n_layer} layers, dim {c.dim}, heads {c.slow.n_head}/{c.slow.n_local_heads} "
+               f"x {c.slow.head_dim}, ffn {c.slow.intermediate_size}, qk-norm {c.slow.qk_norm}, vocab {c.vocab_size}")
+    click.echo(f"fast AR      {c.fast.n_layer} layers, dim {c.fast.dim}, heads {c.fast.n_head}/{c.fast.n_local_heads} "
+               f"x {c.fast.head_dim}, ffn {c.fast.intermediate_size}, qk-norm {c.fast.qk_norm}")
+    click.echo(f"codebooks    {c.num_codebooks} x {c.codebook_size}; semantic ids {c.semantic_begin_id}.."
+               f"{c.semantic_end_id}; stop id {c.im_end_id}; trained context {c.max_seq_len}")
+    click.echo(f"parameters   {total:,} (slow {slow:,}, fast {total - slow:,})")
+    for shard in ckpt.shards:
+        click.echo(f"file         {shard.name}  {shard.stat().st_size:,} bytes")
+    dtypes = Counter(str(e.dtype).removeprefix("torch.") for e in ckpt.tensors.values())
+    click.echo("dtypes       " + ", ".join(f"{name} x{count}" for name, count in sorted(dtypes.items())))
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--config", "config_name", default="tiny", show_default=True,
+              help="'tiny', 's2-pro' (full size, 9.1 GB) or a path to a config.json.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--shards", type=int, default=2, show_default=True, help="Number of safetensors shards.")
+@click.option("--device", default="cpu", show_default=True, help="Where to draw the random numbers (cuda is faster).")
+def synthetic(out: Path, config_name: str, seed: int, shards: int, device: str) -> None:
+    """Write a random-weight checkpoint in the exact released layout to OUT (for trying and testing s2edge)."""
+    config = bundled_config(config_name)
+    resolve_device(device)
+    with click.progressbar(length=len(expected_shapes(config)), label="writing", file=sys.stderr) as bar:
+        write_checkpoint(out, config, seed=seed, shards=shards, device=device, on_tensor=lambda _k: bar.update(1))
+    click.echo(f"wrote {out}: {config.parameter_count():,} parameters in {shards} shard(s)")

@@ -1,0 +1,106 @@
+"""Generation: prefill the prompt, then one frame at a time (slow step, legal-row head, semantic draw with RAS,
+10 fast-AR passes) until <|im_end|> or the frame budget.
+
+Generation logic lives here, separate from the model (gpt-fast style). This is the eager path used on the CPU
+and as the reference for graph-captured decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from runtime.errors import InputError
+from runtime.model import DualAR
+from runtime.sampling import RAS_WINDOW, SamplingParams, sample, sample_semantic
+
+CAPACITY_BUCKET = 256  # KV-cache sizes are rounded up to this so similar requests reuse one allocation
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 1024  # frames; 1024 frames = 47.6 s of audio
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+
+
+@dataclass
+class Generation:
+    codes: torch.Tensor  # [num_codebooks, n] int64 on the CPU, <|im_end|> frame excluded
+    stopped: bool  # True if the model emitted <|im_end|>; False if the frame budget ran out
+    prompt_tokens: int
+
+
+def frame_budget(model: DualAR, prompt_len: int, max_new_tokens: int) -> int:
+    """Frames we may generate: the request's budget, clamped to the model's trained context."""
+    limit = model.config.max_seq_len
+    if prompt_len >= limit:
+        raise InputError(f"the prompt is {prompt_len} tokens, over the model's context of {limit}: shorten the text")
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    return min(max_new_tokens, limit - prompt_len)
+
+
+def bucket(n: int) -> int:
+    return -(-n // CAPACITY_BUCKET) * CAPACITY_BUCKET
+
+
+def decode_frame(
+    model: DualAR,
+    hidden: torch.Tensor,
+    window: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """From the slow AR's normed hidden [1, D] to one frame column [1 + num_codebooks]: [token, c0, ..., c9]."""
+    c = model.config
+    token = sample_semantic(model.head_logits(hidden)[0], model.legal_ids, window, params, generator)
+    code = (token - c.semantic_begin_id).clamp(0, c.codebook_size - 1)
+    codes = [code]
+    model.forward_fast(hidden.view(1, 1, -1), 0)  # position 0 primes the fast cache; its logits are unused
+    for k in range(1, c.num_codebooks):
+        h = model.forward_fast(model.fast_embeddings(code).view(1, 1, -1), k)
+        code = sample(model.fast_logits(h)[0, 0], params, generator)
+        codes.append(code)
+    return torch.stack([token, *codes])
+
+
+@torch.inference_mode()
+def generate(
+    model: DualAR,
+    prompt: torch.Tensor,
+    config: GenerationConfig,
+    on_frame: Callable[[int], None] | None = None,
+) -> Generation:
+    """prompt [1 + num_codebooks, L] -> codes [num_codebooks, n]. `on_frame(i)` is called after every frame."""
+    device = model.embeddings.weight.device
+    dtype = model.embeddings.weight.dtype
+    prompt_len = prompt.shape[1]
+    budget = frame_budget(model, prompt_len, config.max_new_tokens)
+    capacity = bucket(prompt_len + budget)
+    if model.capacity < capacity:
+        model.setup_caches(capacity, dtype, device)
+    generator = torch.Generator(device)
+    generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+    window = torch.zeros(RAS_WINDOW, dtype=torch.int64, device=device)
+    im_end = model.config.im_end_id
+
+    hidden = model.forward_slow(prompt[None].to(device), 0)[:, -1]  # [1, D]
+    frames: list[torch.Tensor] = []
+    stopped = False
+    for i in range(budget):
+        frame = decode_frame(model, hidden, window, config.sampling, generator)
+        if on_frame is not None:
+            on_frame(i)
+        if int(frame[0]) == im_end:
+            stopped = True
+            break
+        frames.append(frame)
+        window[i % RAS_WINDOW] = frame[0]
+        if i + 1 < budget:
+            hidden = model.forward_slow(frame.view(1, -1, 1), prompt_len + i)[:, -1]
+    n = model.config.num_codebooks
+    codes = torch.stack(frames, dim=1)[1:] if frames else torch.zeros(n, 0, dtype=torch.int64)
+    return Generation(codes=codes.cpu(), stopped=stopped, prompt_tokens=prompt_len)

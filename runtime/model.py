@@ -1,0 +1,221 @@
+"""The S2 Pro Dual-AR: a Qwen3-shaped slow AR over time and a 4-layer fast AR over the 10 codebooks of a frame.
+
+One definition serves CPU eager, GPU eager and CUDA-graph replay; precision modes only swap the `nn.Linear`
+modules. Numerics follow the reference (spec sections 2-3): block RMSNorm rounds before the gain multiply, QK-norm
+(slow AR only) multiplies in fp32 and rounds once, RoPE uses interleaved pairs with a bf16 (cos, sin) table,
+audio positions embed as (token + 10 codebook rows) / sqrt(11), and the fast AR reads the *normed* slow hidden.
+
+Unlike the reference, the KV cache is sized to the request and attention reads only the valid prefix, and GQA
+is left to SDPA (`enable_gqa`) instead of copying K/V four times.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.config import ModelConfig, StackConfig
+
+
+class RMSNorm(nn.Module):
+    """Block / final norm: normalise in fp32, round to the activation dtype, then multiply by the gain."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class HeadNorm(RMSNorm):
+    """QK-norm over head_dim (torch.nn.RMSNorm semantics): the gain multiply happens in fp32, one rounding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).type_as(x)
+
+
+def rope_table(positions: int, head_dim: int, base: float) -> torch.Tensor:
+    """(cos, sin) per position and pair, rounded to bf16 as the reference does: [positions, head_dim/2, 2]."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).to(torch.bfloat16)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2j], x[2j+1]) in fp32. x: [B, T, H, D]; table: [T, D/2, 2]."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # [B, T, H, D/2, 2]
+    t = table.float().view(1, xs.shape[1], 1, xs.shape[3], 2)
+    cos, sin = t[..., 0], t[..., 1]
+    out = torch.stack([xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Static K/V storage for one layer: [1, kv_heads, capacity, head_dim], allocated once per request size."""
+
+    def __init__(self, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        shape = (1, kv_heads, capacity, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [1, kv_heads, T, D] at positions start..start+T-1; return the valid prefix views."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, stack: StackConfig, eps: float):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = stack.n_head, stack.n_local_heads, stack.head_dim
+        self.wqkv = nn.Linear(stack.dim, stack.qkv_rows, bias=False)
+        self.wo = nn.Linear(stack.n_head * stack.head_dim, stack.dim, bias=False)
+        self.q_norm = HeadNorm(stack.head_dim, eps) if stack.qk_norm else None
+        self.k_norm = HeadNorm(stack.head_dim, eps) if stack.qk_norm else None
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_head * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
+        q = q.view(b, t, self.n_head, hd)  # [B, T, 32, 128]
+        k = k.view(b, t, self.n_kv, hd)  # [B, T, 8, 128]
+        v = v.view(b, t, self.n_kv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))  # [B, H, T, D]
+        k, v = self.kv_cache.update(start, k, v)  # [B, 8, start+T, D]: the valid prefix only
+        mask = None
+        if t > 1 and start > 0:  # a chunk after earlier positions: causal within, full over the past
+            pos = torch.arange(start + t, device=x.device)
+            mask = pos[None, :] <= (start + torch.arange(t, device=x.device))[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=t > 1 and start == 0, enable_gqa=True)
+        return self.wo(y.transpose(1, 2).reshape(b, t, self.n_head * hd))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, stack: StackConfig):
+        super().__init__()
+        self.w1 = nn.Linear(stack.dim, stack.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(stack.dim, stack.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(stack.intermediate_size, stack.dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, stack: StackConfig, eps: float):
+        super().__init__()
+        self.attention = Attention(stack, eps)
+        self.feed_forward = FeedForward(stack)
+        self.attention_norm = RMSNorm(stack.dim, eps)
+        self.ffn_norm = RMSNorm(stack.dim, eps)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, start)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class DualAR(nn.Module):
+    """Parameter names equal the runtime keys of the checkpoint (spec 1.4), so loading is a name lookup."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embeddings = nn.Embedding(c.vocab_size, c.dim)  # also the (tied) LM head
+        self.codebook_embeddings = nn.Embedding(c.codebook_size * c.num_codebooks, c.dim)
+        self.layers = nn.ModuleList(Block(c.slow, c.norm_eps) for _ in range(c.slow.n_layer))
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.fast_embeddings = nn.Embedding(c.codebook_size, c.fast.dim)
+        self.fast_layers = nn.ModuleList(Block(c.fast, c.norm_eps) for _ in range(c.fast.n_layer))
+        self.fast_norm = RMSNorm(c.fast.dim, c.norm_eps)
+        self.fast_output = nn.Linear(c.fast.dim, c.codebook_size, bias=False)
+        # The slow head may only emit <|im_end|> or a semantic token: index 0 -> im_end, 1 + c -> semantic c.
+        # Built on the CPU explicitly: the loader constructs the model under a meta-device context.
+        legal = torch.cat(
+            [
+                torch.tensor([c.im_end_id], device="cpu"),
+                torch.arange(c.semantic_begin_id, c.semantic_end_id + 1, device="cpu"),
+            ]
+        )
+        self.register_buffer("legal_ids", legal, persistent=False)
+        self.head: nn.Linear | None = None  # rows of `embeddings` at legal_ids, built by build_head()
+        self.rope: torch.Tensor | None = None
+        self.fast_rope: torch.Tensor | None = None
+
+    # ----- setup --------------------------------------------------------------------------------------------
+    def build_head(self) -> None:
+        """Gather the 4 097 legal rows of the tied head: same logits as the constrained full head, 38x less work."""
+        weight = self.embeddings.weight.detach()[self.legal_ids.to(self.embeddings.weight.device)]
+        self.head = nn.Linear(self.config.dim, weight.shape[0], bias=False, device="meta")
+        self.head.weight = nn.Parameter(weight.clone(), requires_grad=False)
+
+    def setup_caches(self, capacity: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        """Allocate the slow KV cache for `capacity` positions and the 10-slot fast cache; build RoPE tables."""
+        c = self.config
+        device = torch.device(device)
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(c.slow.n_local_heads, capacity, c.slow.head_dim, dtype, device)
+        for layer in self.fast_layers:
+            layer.attention.kv_cache = KVCache(c.fast.n_local_heads, c.num_codebooks, c.fast.head_dim, dtype, device)
+        self.rope = rope_table(capacity, c.slow.head_dim, c.rope_base).to(device)
+        self.fast_rope = rope_table(c.num_codebooks, c.fast.head_dim, c.rope_base).to(device)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.rope is None else self.rope.shape[0]
+
+    # ----- slow AR ------------------------------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, 1 + num_codebooks, T] -> x [B, T, D]. Audio positions: (token + sum of codebook rows)/sqrt(11)."""
+        c = self.config
+        ids = tokens[:, 0]  # [B, T]
+        x = self.embeddings(ids)
+        offsets = torch.arange(c.num_codebooks, device=tokens.device) * c.codebook_size
+        vq = self.codebook_embeddings(tokens[:, 1:] + offsets[None, :, None]).sum(dim=1)  # [B, T, D]
+        is_audio = ((ids >= c.semantic_begin_id) & (ids <= c.semantic_end_id))[..., None]
+        return torch.where(is_audio, (x + vq) / math.sqrt(c.num_codebooks + 1), x)
+
+    def forward_slow(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """Run the slow AR over T new positions starting at `start`; returns the normed hidden [B, T, D]."""
+        x = self.embed(tokens)
+        rope = self.rope[start : start + x.shape[1]]
+        for layer in self.layers:
+            x = layer(x, rope, start)
+        return self.norm(x)
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the legal ids only: [..., 1 + num_semantic]."""
+        return self.head(hidden)
+
+    def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary through the tied head: [..., vocab]."""
+        return F.linear(hidden, self.embeddings.weight)
+
+    # ----- fast AR ------------------------------------------------------------------------------------------
+    def forward_fast(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        """One fast-AR position (0 = the slow hidden, k = codebook k-1's embedding): x [B, 1, D] -> normed [B, 1, D]."""
+        rope = self.fast_rope[pos : pos + 1]
+        for layer in self.fast_layers:
+            x = layer(x, rope, pos)
+        return self.fast_norm(x)
+
+    def fast_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fast_output(hidden)

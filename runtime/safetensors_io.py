@@ -1,0 +1,129 @@
+"""Reading and writing safetensors files one tensor at a time.
+
+Headers are parsed here (8-byte little-endian length + JSON) rather than through `safetensors.safe_open` so
+that (a) a truncated file is named before anything is loaded, (b) each tensor is read with one positioned
+`readinto` into a buffer of its own size: no mmap, so the process never maps a 5 GB shard and resident memory
+stays near one tensor above what the caller keeps, and (c) a writer can stream tensors it produces one by one.
+The files are standard safetensors: the library reads what we write and we read what it writes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from runtime.errors import CheckpointError
+from runtime.files import atomic_path
+
+_DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: file, absolute byte range, dtype and shape (from the shard header)."""
+
+    file: Path
+    start: int
+    end: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parse a safetensors header and check the file is long enough for every tensor it lists."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path.name}: truncated or not a safetensors file ({size} bytes)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, 100 * 2**20):
+                raise CheckpointError(f"{path.name}: corrupt safetensors header (length {header_len})")
+            header = json.loads(f.read(header_len))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path.name}: corrupt safetensors header (not JSON)") from None
+    base = 8 + header_len
+    metadata = header.pop("__metadata__", None) or {}
+    entries: dict[str, TensorEntry] = {}
+    data_end = 0
+    for key, info in header.items():
+        dtype = _DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path.name}: tensor '{key}' has unsupported dtype {info.get('dtype')}")
+        start, end = info["data_offsets"]
+        entries[key] = TensorEntry(path, base + start, base + end, dtype, tuple(info["shape"]))
+        data_end = max(data_end, base + end)
+    if size < data_end:
+        raise CheckpointError(f"{path.name}: truncated shard ({size:,} bytes on disk, header needs {data_end:,})")
+    return entries, metadata
+
+
+def read_tensor(entry: TensorEntry) -> torch.Tensor:
+    """Read one tensor from disk into a fresh CPU tensor (one buffer, no mmap)."""
+    buf = bytearray(entry.nbytes)
+    with open(entry.file, "rb") as f:
+        f.seek(entry.start)
+        got = f.readinto(buf)
+    if got != entry.nbytes:
+        raise CheckpointError(f"{entry.file.name}: short read ({got} of {entry.nbytes} bytes)")
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    return torch.frombuffer(buf, dtype=entry.dtype).reshape(entry.shape)
+
+
+def write_safetensors(
+    path: Path,
+    specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+    make: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write tensors named in `specs` (key, shape, dtype), each produced by `make(key)` only when its turn comes.
+
+    Returns the file size. The file appears atomically: a crash leaves nothing behind.
+    """
+    header: dict[str, object] = {}
+    offset = 0
+    for key, shape, dtype in specs:
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as the library does
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for key, shape, dtype in specs:
+                tensor = make(key)
+                if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                    raise ValueError(f"{key}: produced {tuple(tensor.shape)} {tensor.dtype}, declared {shape} {dtype}")
+                f.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+    return 8 + len(blob) + offset
