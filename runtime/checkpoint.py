@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from runtime.config import ModelConfig, load_config
+from runtime.config import ModelConfig, StackConfig, load_config
 from runtime.errors import CheckpointError
 from runtime.safetensors_io import TensorEntry, read_safetensors_header, read_tensor
 
@@ -34,30 +34,39 @@ def remap_key(key: str) -> str:
     return key
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter the runtime needs, by runtime key, with its shape (the tied head has no tensor)."""
-    shapes: dict[str, tuple[int, ...]] = {
-        "embeddings.weight": (config.vocab_size, config.dim),
-        "codebook_embeddings.weight": (config.codebook_size * config.num_codebooks, config.dim),
-        "norm.weight": (config.dim,),
-        "fast_embeddings.weight": (config.codebook_size, config.fast.dim),
-        "fast_norm.weight": (config.fast.dim,),
-        "fast_output.weight": (config.codebook_size, config.fast.dim),
-    }
-    for prefix, stack in (("layers", config.slow), ("fast_layers", config.fast)):
-        for i in range(stack.n_layer):
-            p = f"{prefix}.{i}"
-            shapes[f"{p}.attention.wqkv.weight"] = (stack.qkv_rows, stack.dim)
-            shapes[f"{p}.attention.wo.weight"] = (stack.dim, stack.n_head * stack.head_dim)
-            if stack.qk_norm:
-                shapes[f"{p}.attention.q_norm.weight"] = (stack.head_dim,)
-                shapes[f"{p}.attention.k_norm.weight"] = (stack.head_dim,)
-            shapes[f"{p}.attention_norm.weight"] = (stack.dim,)
-            shapes[f"{p}.ffn_norm.weight"] = (stack.dim,)
-            shapes[f"{p}.feed_forward.w1.weight"] = (stack.intermediate_size, stack.dim)
-            shapes[f"{p}.feed_forward.w3.weight"] = (stack.intermediate_size, stack.dim)
-            shapes[f"{p}.feed_forward.w2.weight"] = (stack.dim, stack.intermediate_size)
+def _stack_shapes(prefix: str, stack: StackConfig) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(stack.n_layer):
+        p = f"{prefix}.{i}"
+        shapes[f"{p}.attention.wqkv.weight"] = (stack.qkv_rows, stack.dim)
+        shapes[f"{p}.attention.wo.weight"] = (stack.dim, stack.n_head * stack.head_dim)
+        if stack.qk_norm:
+            shapes[f"{p}.attention.q_norm.weight"] = (stack.head_dim,)
+            shapes[f"{p}.attention.k_norm.weight"] = (stack.head_dim,)
+        shapes[f"{p}.attention_norm.weight"] = (stack.dim,)
+        shapes[f"{p}.ffn_norm.weight"] = (stack.dim,)
+        shapes[f"{p}.feed_forward.w1.weight"] = (stack.intermediate_size, stack.dim)
+        shapes[f"{p}.feed_forward.w3.weight"] = (stack.intermediate_size, stack.dim)
+        shapes[f"{p}.feed_forward.w2.weight"] = (stack.dim, stack.intermediate_size)
     return shapes
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter the runtime needs, by runtime key, with its shape (the tied head has no tensor).
+
+    Ordered as the released files are: the slow AR (`text_model.*`) first, then the fast AR (`audio_decoder.*`).
+    """
+    fast = config.fast
+    return {
+        "embeddings.weight": (config.vocab_size, config.dim),
+        **_stack_shapes("layers", config.slow),
+        "norm.weight": (config.dim,),
+        "codebook_embeddings.weight": (config.codebook_size * config.num_codebooks, config.dim),
+        "fast_embeddings.weight": (config.codebook_size, fast.dim),
+        **_stack_shapes("fast_layers", fast),
+        "fast_norm.weight": (fast.dim,),
+        "fast_output.weight": (config.codebook_size, fast.dim),
+    }
 
 
 @dataclass

@@ -1,0 +1,122 @@
+"""The s2edge command line on a tiny synthetic checkpoint: determinism, outputs, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from runtime.cli import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def synth(ckpt, out, *extra):
+    return run("synthesize", "-c", ckpt, "-t", "hello there", "--top-k", "1", "--precision", "fp32",
+               "--device", "cpu", "--max-new-tokens", "40", "--codes-out", out, *extra)
+
+
+def test_synthesize_is_deterministic_with_top_k_1(tiny_checkpoint, tmp_path):
+    first, second = synth(tiny_checkpoint, tmp_path / "a.npy"), synth(tiny_checkpoint, tmp_path / "b.npy")
+    assert first.exit_code == 0, first.output
+    assert second.exit_code == 0, second.output
+    a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
+    assert a.shape[0] == 10 and 0 < a.shape[1] <= 40
+    assert np.array_equal(a, b)
+    assert a.min() >= 0 and a.max() < 64
+    assert "codes [10," in first.stdout
+
+
+def test_synthesize_with_two_references(tiny_checkpoint, tmp_path):
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        np.save(tmp_path / f"r{k}.npy", rng.integers(0, 64, size=(10, 5 + k)))
+    result = synth(tiny_checkpoint, tmp_path / "o.npy", "-r", tmp_path / "r0.npy", "--reference-text", "one",
+                   "-r", tmp_path / "r1.npy", "--reference-text", "two", "--top-k", "30", "--seed", "3")
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "o.npy").shape[0] == 10
+
+
+def test_inspect_reports_counts(tiny_checkpoint, tiny_config):
+    result = run("inspect", tiny_checkpoint)
+    assert result.exit_code == 0, result.output
+    assert f"parameters   {tiny_config.parameter_count():,}" in result.stdout
+    assert "model-00002-of-00002.safetensors" in result.stdout
+
+
+def test_synthetic_command_writes_a_loadable_checkpoint(tmp_path):
+    result = run("synthetic", tmp_path / "ck", "--config", "tiny", "--shards", "1")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ck" / "model.safetensors").exists()
+    assert run("inspect", tmp_path / "ck").exit_code == 0
+
+
+def bad_codes(tmp_path, name, array):
+    path = tmp_path / name
+    np.save(path, array)
+    return path
+
+
+@pytest.fixture()
+def broken(tmp_path, tiny_checkpoint):
+    """Copies of the tiny checkpoint damaged in one way each."""
+    def make(kind: str):
+        ckpt = shutil.copytree(tiny_checkpoint, tmp_path / kind)
+        shard = ckpt / "model-00002-of-00002.safetensors"
+        if kind == "missing_shard":
+            shard.unlink()
+        elif kind == "truncated":
+            shard.write_bytes(shard.read_bytes()[:-10])
+        elif kind == "config":
+            raw = json.loads((ckpt / "config.json").read_text())
+            del raw["text_config"]["dim"]
+            (ckpt / "config.json").write_text(json.dumps(raw))
+        return ckpt
+    return make
+
+
+@pytest.mark.parametrize(
+    "case, code, message",
+    [
+        ("missing_folder", 3, "checkpoint folder not found"),
+        ("missing_shard", 3, "shard model-00002-of-00002.safetensors"),
+        ("truncated", 3, "truncated shard"),
+        ("config", 3, "'dim' is missing"),
+        ("empty_text", 2, "the text to speak is empty"),
+        ("codes_shape", 2, r"shape \[9, 4\]"),
+        ("codes_dtype", 2, "not an integer type"),
+        ("codes_range", 2, "values must lie in"),
+        ("codes_missing", 2, "reference codes file not found"),
+        ("codes_unpaired", 2, "one transcript per reference"),
+        ("bad_temperature", 2, "temperature must be in"),
+    ],
+)
+def test_bad_inputs_give_one_line(case, code, message, tiny_checkpoint, tmp_path, broken):
+    ckpt, text, extra = tiny_checkpoint, "hello", []
+    if case == "missing_folder":
+        ckpt = tmp_path / "nope"
+    elif case in ("missing_shard", "truncated", "config"):
+        ckpt = broken(case)
+    elif case == "empty_text":
+        text = "   "
+    elif case.startswith("codes_"):
+        arrays = {"codes_shape": np.zeros((9, 4), np.int64), "codes_dtype": np.zeros((10, 4), np.float32),
+                  "codes_range": np.full((10, 4), 64, np.int64)}
+        path = bad_codes(tmp_path, "r.npy", arrays.get(case, np.zeros((10, 4), np.int64)))
+        if case == "codes_missing":
+            path = tmp_path / "absent.npy"
+        extra = ["-r", path] + ([] if case == "codes_unpaired" else ["--reference-text", "ref"])
+    elif case == "bad_temperature":
+        extra = ["--temperature", "0"]
+    result = run("synthesize", "-c", ckpt, "-t", text, "--device", "cpu", "--codes-out", tmp_path / "o.npy", *extra)
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and re.search(message, lines[0]), result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o.npy").exists()  # nothing half-written
