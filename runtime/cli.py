@@ -192,3 +192,7 @@ def synthetic(out: Path, config_name: str, seed: int, shards: int, device: str) 
     with click.progressbar(length=len(expected_shapes(config)), label="writing", file=sys.stderr) as bar:
         write_checkpoint(out, config, seed=seed, shards=shards, device=device, on_tensor=lambda _k: bar.update(1))
     click.echo(f"wrote {out}: {config.parameter_count():,} parameters in {shards} shard(s)")
+
+
+if __name__ == "__main__":
+    main()
