@@ -1,0 +1,38 @@
+"""Our Triton GEMV kernels for batch-1 decode, where the libraries have no fast path.
+
+Triton is optional: CPU installs (CI) have none, and every caller falls back to dequantize + matmul without it.
+The kernels autotune their tile on the first call per (shape, dtype); that call synchronizes the device, so run
+each quantized layer once (any warm-up step does it) before capturing a CUDA graph. After that a call launches
+one kernel on the current stream, allocates only its output and never syncs: it is safe inside graph capture.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def gemv_supported(device: torch.device) -> bool:
+    """Our kernels need Triton and an Ampere or newer GPU (bf16 loads, sm_80+)."""
+    return device.type == "cuda" and triton_available() and _capability(_index(device)) >= (8, 0)
+
+
+def fp8_native(device: torch.device) -> bool:
+    """Whether Triton can convert float8_e4m3fn natively (sm_89+); older cards decode the bits instead."""
+    return _capability(_index(device)) >= (8, 9)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
