@@ -1,0 +1,110 @@
+"""NF4 weights through bitsandbytes: quant_type "nf4", blocks of 64, double quantization on (about 4.13 bits).
+
+The stored form is bitsandbytes' own, so files interoperate with `Linear4bit` / `Params4bit.from_prequantized`:
+`weight` (packed uint8 [ceil(n/2), 1]), `weight.absmax` (uint8, the double-quantized block scales),
+`weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map`, `weight.quant_state.bitsandbytes__nf4`
+(uint8 JSON: shape, dtype, blocksizes, offset).
+
+For compute, the double quantization is undone once at load: one scale per block of 64, kept in fp16 (half the
+bytes of fp32, 2^-11 relative rounding, far below NF4's own error) unless the scales fall outside fp16's normal
+range, then fp32. The packed bytes are used as they are; the tensors only needed to write the stored form back
+stay on the CPU. Without double quantization (no `nested_*` tensors) the file loads as well.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Self
+
+import torch
+from torch import Tensor
+
+from quant.base import QuantizedLinear, require
+from runtime.errors import CheckpointError
+
+BLOCKSIZE = 64
+_COMPUTE_KEYS = ("weight", "weight.quant_map")  # the other stored tensors are kept only to be written back
+
+
+def _bnb_functional():
+    import bitsandbytes.functional  # imported on first use: slow, and noisy on machines without its kernels
+
+    return bitsandbytes.functional
+
+
+def _compute_scales(absmax: Tensor) -> Tensor:
+    """fp16 when every nonzero scale is a normal fp16 number, else fp32 (exact)."""
+    mags = absmax.abs()
+    nonzero = mags[mags > 0]
+    fits = nonzero.numel() == 0 or (nonzero.min() >= 2.0**-14 and nonzero.max() <= 65504.0)
+    return absmax.half() if fits else absmax.float()
+
+
+class NF4Linear(QuantizedLinear):
+    format = "nf4"
+
+    def __init__(self, out_features: int, in_features: int, packed: Tensor, absmax: Tensor, code: Tensor,
+                 blocksize: int, stored_only: dict[str, Tensor]) -> None:
+        super().__init__(out_features, in_features)
+        self.blocksize = blocksize
+        self.register_buffer("weight", packed)  # [ceil(out*in/2), 1] uint8, bitsandbytes' layout
+        self.register_buffer("absmax", absmax)  # [n_blocks] fp16/fp32, double quantization undone
+        self.register_buffer("code", code)  # [16] fp32, the NF4 values (bitsandbytes' quant_map)
+        self._stored_only = stored_only
+
+    @classmethod
+    def from_float(cls, weight: Tensor) -> Self:
+        if weight.ndim != 2 or not weight.is_floating_point():
+            raise ValueError(f"expected a float weight [out, in], got {weight.dtype} {tuple(weight.shape)}")
+        packed, state = _bnb_functional().quantize_4bit(
+            weight.contiguous(), blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4"
+        )
+        tensors = {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
+        return cls.from_stored(tensors)
+
+    @classmethod
+    def from_stored(cls, tensors: Mapping[str, Tensor]) -> Self:
+        require(tensors, "nf4", {"weight": torch.uint8, "weight.quant_map": torch.float32, "weight.absmax": None,
+                                 "weight.quant_state.bitsandbytes__nf4": torch.uint8})
+        bnbf = _bnb_functional()
+        packed = tensors["weight"]
+        try:
+            state = bnbf.QuantState.from_dict(
+                {k.removeprefix("weight."): v for k, v in tensors.items() if k != "weight"}, device=packed.device
+            )
+        except (ValueError, KeyError, AssertionError) as e:
+            raise CheckpointError(f"nf4 layer: unreadable bitsandbytes quant state ({e})") from None
+        if state.quant_type != "nf4" or state.shape is None or len(state.shape) != 2:
+            raise CheckpointError(f"nf4 layer: quant state says {state.quant_type} {state.shape}, expected nf4 2-D")
+        out_features, in_features = state.shape
+        if packed.numel() != (out_features * in_features + 1) // 2:
+            raise CheckpointError(f"nf4 layer: {packed.numel()} packed bytes for a {out_features}x{in_features} weight")
+        if state.nested:
+            absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        else:
+            absmax = state.absmax
+        stored_only = {key: t.cpu() for key, t in tensors.items() if key not in _COMPUTE_KEYS}
+        return cls(out_features, in_features, packed.reshape(-1, 1), _compute_scales(absmax), state.code,
+                   state.blocksize, stored_only)
+
+    def stored_tensors(self) -> dict[str, Tensor]:
+        return {"weight": self.weight, "weight.quant_map": self.code, **self._stored_only}
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        bnbf = _bnb_functional()
+        state = bnbf.QuantState(absmax=self.absmax.float(), shape=torch.Size((self.out_features, self.in_features)),
+                                code=self.code, blocksize=self.blocksize, quant_type="nf4", dtype=dtype)
+        return bnbf.dequantize_4bit(self.weight, state)
+
+    def gemv_applies(self, x: Tensor) -> bool:
+        if not super().gemv_applies(x):
+            return False
+        from quant.kernels.gemv_nf4 import kernel_accepts
+
+        return kernel_accepts(self.in_features, self.blocksize)
+
+    def gemv(self, x: Tensor) -> Tensor:
+        from quant.kernels.gemv_nf4 import gemv_nf4
+
+        rows, cols = self.out_features, self.in_features
+        return gemv_nf4(x, self.weight.view(rows, cols // 2), self.absmax.view(rows, cols // self.blocksize),
+                        self.code, self.blocksize)

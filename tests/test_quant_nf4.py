@@ -1,0 +1,107 @@
+"""NF4: the stored form is bitsandbytes' own, byte for byte, and reloads (here and in bitsandbytes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+from quant.base import load_linear, quantize_linear  # noqa: E402
+from quant.nf4 import NF4Linear  # noqa: E402
+from runtime.errors import CheckpointError  # noqa: E402
+
+
+def _weight(out_f: int, in_f: int, scale: float = 0.02, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(out_f, in_f, generator=gen) * scale).bfloat16()
+
+
+def _bnb_reference(weight: torch.Tensor):
+    return bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+
+
+def _bnb_dequantize(packed: torch.Tensor, state) -> torch.Tensor:
+    """bitsandbytes' dequantization in fp32 (the state would round it to the source dtype)."""
+    state.dtype = torch.float32
+    return bnbf.dequantize_4bit(packed, state)
+
+
+def test_stored_form_is_bitsandbytes_bytes():
+    weight = _weight(2560, 4096)  # the wo shape
+    packed, state = _bnb_reference(weight)
+    stored = quantize_linear(weight, "nf4").stored_tensors()
+    expected = {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
+    assert set(stored) == set(expected)
+    for key, tensor in expected.items():
+        assert stored[key].dtype == tensor.dtype and torch.equal(stored[key].cpu(), tensor), key
+
+
+def test_bytes_check_detects_one_flipped_nibble():
+    """Negative control for the comparison above."""
+    weight = _weight(64, 128)
+    packed, _ = _bnb_reference(weight)
+    stored = quantize_linear(weight, "nf4").stored_tensors()["weight"].clone()
+    stored[17] ^= 0x10
+    assert not torch.equal(stored, packed)
+
+
+def test_compute_scales_are_fp16_rounded_bitsandbytes_scales():
+    weight = _weight(256, 512)
+    packed, state = _bnb_reference(weight)
+    layer = quantize_linear(weight, "nf4")
+    ref = _bnb_dequantize(packed, state)  # double quantization undone by bitsandbytes
+    assert layer.absmax.dtype == torch.float16
+    # |code * a16 - code * a32| <= |code * a32| * 2^-11 (fp16 rounding), plus fp32 product rounding.
+    assert ((layer.dequantize() - ref).abs() <= ref.abs() * (2.0**-11 + 2.0**-22)).all()
+
+
+def test_tiny_scales_stay_fp32_and_exact():
+    weight = _weight(64, 256, scale=1e-6)  # block scales below fp16's normal range
+    packed, state = _bnb_reference(weight)
+    layer = quantize_linear(weight, "nf4")
+    assert layer.absmax.dtype == torch.float32
+    assert torch.equal(layer.dequantize(), _bnb_dequantize(packed, state))
+
+
+def test_round_trip_is_bit_exact():
+    layer = quantize_linear(_weight(128, 320), "nf4")  # 320: blocks do not align with tiles of 256
+    again = load_linear("nf4", layer.stored_tensors())
+    for key, tensor in layer.stored_tensors().items():
+        assert torch.equal(again.stored_tensors()[key], tensor), key
+    assert torch.equal(again.absmax, layer.absmax)
+    x = torch.randn(3, 320).bfloat16()
+    assert torch.equal(again(x), layer(x))
+
+
+def test_bitsandbytes_loads_our_stored_form():
+    from bitsandbytes.nn import Params4bit
+
+    layer = quantize_linear(_weight(64, 256), "nf4")
+    stored = layer.stored_tensors()
+    param = Params4bit.from_prequantized(
+        stored["weight"], {k: v for k, v in stored.items() if k != "weight"}, device="cpu"
+    )
+    assert param.quant_state.shape == (64, 256)
+    deq = _bnb_dequantize(param.data, param.quant_state)
+    assert ((layer.dequantize() - deq).abs() <= deq.abs() * (2.0**-11 + 2.0**-22)).all()
+
+
+def test_odd_shapes_fall_back_correctly():
+    """Blocks that span rows (in % 64 != 0) still dequantize like bitsandbytes."""
+    weight = _weight(7, 90)
+    packed, state = _bnb_reference(weight)
+    layer = quantize_linear(weight, "nf4")
+    ref = _bnb_dequantize(packed, state)
+    assert ((layer.dequantize() - ref).abs() <= ref.abs() * (2.0**-11 + 2.0**-22)).all()
+
+
+def test_rejects_broken_stored_tensors():
+    stored = quantize_linear(_weight(64, 128), "nf4").stored_tensors()
+    with pytest.raises(CheckpointError, match="missing"):
+        NF4Linear.from_stored({k: v for k, v in stored.items() if k != "weight.absmax"})
+    with pytest.raises(CheckpointError, match="packed bytes"):
+        NF4Linear.from_stored({**stored, "weight": stored["weight"][:-2]})
+    fp4, state = bnbf.quantize_4bit(_weight(64, 128), blocksize=64, compress_statistics=True, quant_type="fp4")
+    with pytest.raises(CheckpointError, match="nf4"):
+        NF4Linear.from_stored({"weight": fp4, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}})
