@@ -1,0 +1,139 @@
+"""Our Triton GEMVs against the layer's own dequantized weight.
+
+Without CUDA the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set before Triton is
+imported), with fixed tiles; with CUDA the same tests run compiled, and the `cuda` tests add autotuning, the
+layers' dispatch and CUDA-graph replay. Everything here skips where Triton is not installed (CI).
+Note: the interpreter truncates fp32 -> bf16 instead of rounding, so bf16 outputs there carry about 2x the usual
+rounding error (still far inside the 1 % gate); fp32 inputs give a tight check.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from quant.base import error_stats, quantize_linear  # noqa: E402
+from quant.kernels.gemv8 import gemv8  # noqa: E402
+from quant.kernels.gemv_nf4 import gemv_nf4  # noqa: E402
+from quant.kernels.tiles import Tile  # noqa: E402
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def _tile(wide: Tile) -> Tile:
+    """Wide tiles in the interpreter (its cost grows with the number of programs, not their size); a real one
+    on the GPU, where a wide tile would not fit in registers."""
+    return Tile(4, 256) if CUDA else wide
+
+
+# (out, in, tile): ragged rows and K (neither a multiple of the tile), then two real S2 shapes.
+SHAPES = [
+    (37, 320, _tile(Tile(8, 256))),
+    (130, 1088, _tile(Tile(16, 512))),
+    (2560, 9728, _tile(Tile(128, 2048))),
+    (4097, 2560, _tile(Tile(128, 1024))),
+]
+SHAPE_IDS = [f"{n}x{k}" for n, k, _ in SHAPES]
+
+
+def _layer(fmt: str, n: int, k: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return quantize_linear((torch.randn(n, k, generator=gen) * 0.02).bfloat16(), fmt).to(DEVICE)
+
+
+def _run(layer, x: torch.Tensor, tile: Tile | None, fp8_bits: bool | None = None) -> torch.Tensor:
+    if layer.format == "nf4":
+        n, k = layer.out_features, layer.in_features
+        return gemv_nf4(x, layer.weight.view(n, k // 2), layer.absmax.view(n, k // layer.blocksize), layer.code,
+                        layer.blocksize, tile=tile)
+    return gemv8(x, layer.weight, layer.scale, fp8_bits=fp8_bits, tile=tile)
+
+
+VARIANTS = [("nf4", None), ("fp8", False), ("fp8", True), ("int8", None)]
+VARIANT_IDS = ["nf4", "fp8-native", "fp8-bits", "int8"]
+
+
+@pytest.mark.parametrize("fmt, fp8_bits", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("n, k, tile", SHAPES, ids=SHAPE_IDS)
+def test_kernel_matches_dequantized_weight(fmt, fp8_bits, n, k, tile):
+    if fmt == "fp8" and fp8_bits is False and CUDA and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no native FP8 conversion before sm_89")
+    layer = _layer(fmt, n, k)
+    w = layer.dequantize(torch.float32)
+    x = torch.randn(k, device=DEVICE)
+    exact = error_stats(_run(layer, x, tile, fp8_bits), x @ w.T)  # fp32 in, fp32 out: only summation order
+    assert exact.rel_fro < 1e-5, exact
+    xb = x.bfloat16()
+    y = _run(layer, xb, tile, fp8_bits)
+    assert y.dtype == torch.bfloat16 and y.shape == (n,)
+    stats = error_stats(y, xb.float() @ w.T)
+    assert stats.ok(), stats
+
+
+@pytest.mark.parametrize("fmt, fp8_bits", VARIANTS, ids=VARIANT_IDS)
+def test_corrupted_scale_fails(fmt, fp8_bits):
+    """Negative control: the kernel reading scales shifted by one row/block no longer passes."""
+    n, k, tile = SHAPES[1]
+    layer = _layer(fmt, n, k)
+    w = layer.dequantize(torch.float32)
+    scales = layer.absmax if fmt == "nf4" else layer.scale
+    scales.copy_(scales.roll(1, 0))
+    x = torch.randn(k, device=DEVICE)
+    assert not error_stats(_run(layer, x, tile, fp8_bits), x @ w.T).ok()
+
+
+def test_fp8_bit_decode_is_exact_for_every_code():
+    """All 254 finite e4m3fn codes (subnormals, zero, both signs) through both decoders."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    finite = ~codes.float().isnan()
+    weight = codes[finite].reshape(-1, 1).repeat(1, 16).contiguous().to(DEVICE)  # [254, 16]
+    scale = torch.ones(weight.shape[0], 1, device=DEVICE)
+    x = torch.zeros(16, device=DEVICE)
+    x[3] = 1.0
+    for bits in (False, True):
+        y = gemv8(x, weight, scale, fp8_bits=bits, tile=Tile(16, 16))
+        assert torch.equal(y.cpu(), codes[finite].float()), f"fp8_bits={bits}"
+
+
+def test_nf4_fp32_scales():
+    """Scales outside fp16's normal range are kept in fp32; the kernel reads either."""
+    gen = torch.Generator().manual_seed(1)
+    layer = quantize_linear(torch.randn(64, 512, generator=gen) * 1e-6, "nf4").to(DEVICE)
+    assert layer.absmax.dtype == torch.float32
+    x = torch.randn(512, device=DEVICE)
+    assert error_stats(_run(layer, x, Tile(16, 256)), x @ layer.dequantize().T).rel_fro < 1e-5
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("fmt", ["nf4", "fp8", "int8"])
+@pytest.mark.parametrize("n, k", [(6144, 2560), (2560, 4096), (9728, 2560), (2560, 9728), (4096, 2560), (4097, 2560)])
+def test_layer_dispatch_autotune_and_graph_replay(fmt, n, k):
+    """On the GPU: one-token forward takes the kernel, autotunes, then replays correctly in a CUDA graph."""
+    layer = _layer(fmt, n, k)
+    x = torch.randn(1, 1, k, device=DEVICE, dtype=torch.bfloat16)
+    assert layer.gemv_applies(x)
+    ref = x.float().reshape(1, k) @ layer.dequantize().T
+    eager = layer(x)  # autotunes: must happen before capture
+    assert eager.shape == (1, 1, n) and error_stats(eager, ref).ok()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x)
+    x2 = torch.randn_like(x)
+    expected = layer(x2)
+    x.copy_(x2)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+    prefill = torch.randn(7, k, device=DEVICE, dtype=torch.bfloat16)  # more tokens: dequantize + matmul
+    assert not layer.gemv_applies(prefill)
+    assert error_stats(layer(prefill), prefill.float() @ layer.dequantize().T).ok()
