@@ -25,7 +25,7 @@ LONG_REFERENCE_S = 30.0  # above: warned, and only the first 30 s are used unles
 LONGEST_AUDIO_S = 600.0  # never read more than this; a longer full reference is refused
 PEAK_WARN = 10 ** (-1 / 20)  # -1 dBFS
 FULL_SCALE = 0.999
-SILENCE = 10 ** (-60 / 20)  # a peak below -60 dBFS is silence
+SILENCE = 10 ** (-60 / 20)  # a peak below -60 dBFS is silence (or a broken input chain)
 LOSSY_SUBTYPES = {"MPEG_LAYER_I", "MPEG_LAYER_II", "MPEG_LAYER_III", "VORBIS", "OPUS"}
 UNSUPPORTED = {".m4a", ".aac", ".mp4", ".wma", ".webm", ".amr"}
 WRITE_FORMATS = {".wav": "WAV", ".flac": "FLAC"}
@@ -118,7 +118,7 @@ def load_reference(path: str | Path, full: bool = False) -> Reference:
                          f"refused: cut 10-30 s of clean speech from it")
     clip = read_audio(path, LONGEST_AUDIO_S if full else LONG_REFERENCE_S)
     if clip.peak < SILENCE:
-        raise AudioError(f"{path} is silent (peak {20 * np.log10(max(clip.peak, 1e-12)):.0f} dBFS)")
+        raise AudioError(f"{path} is silent (peak below -60 dBFS); speech should peak near -3 dBFS")
     name = path.name
     warnings = []
     if seconds < SHORT_REFERENCE_S:
