@@ -1,0 +1,112 @@
+"""`s2edge encode` and `s2edge decode`: reference audio -> codes .npy, codes .npy -> wav/flac."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from runtime.audio import load_reference
+from runtime.codec import DECODE_CHUNK_FRAMES, Codec, CodecConfig, decode_to_file, load_codec, validate_codes
+from runtime.errors import InputError
+from runtime.files import atomic_path
+from runtime.loader import resolve_device
+
+DEFAULT_CODEC = Path("checkpoints/s2-pro/codec.pth")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+_codec_options = [
+    click.option("--codec", "codec_path", type=click.Path(path_type=Path), default=DEFAULT_CODEC, show_default=True,
+                 help="The codec checkpoint (codec.pth of fishaudio/s2-pro), read unchanged."),
+    click.option("--codec-config", default="s2pro", show_default=True,
+                 help="Codec architecture: 's2pro', 'tiny' (tests) or a path to a codec config .json."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option("--precision", type=click.Choice(["auto", *PRECISIONS]), default="auto", show_default=True,
+                 help="Codec precision; auto is bf16 on a GPU and fp32 on the CPU."),
+]
+
+
+def codec_options(command):
+    """The options shared by encode and decode."""
+    for option in reversed(_codec_options):
+        command = option(command)
+    return command
+
+
+def open_codec(codec_path: Path, config: CodecConfig, device: str, precision: str, with_encoder: bool) -> Codec:
+    target = resolve_device(device)
+    if precision == "auto":
+        precision = "bf16" if target.type == "cuda" else "fp32"
+    return load_codec(codec_path, config, target, PRECISIONS[precision], with_encoder)
+
+
+def save_codes(path: Path, codes: np.ndarray) -> None:
+    """Write codes [10, T] as an int64 .npy file, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, codes.astype(np.int64))
+
+
+def load_codes(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(f"{path}: codes file not found") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable .npy file ({e})") from None
+
+
+@click.command()
+@click.argument("audio", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Where to write the codes: .npy, int64 [10, T], 21.5 frames per second.")
+@click.option("--full-reference", is_flag=True,
+              help="Use the whole recording up to 10 min instead of its first 30 s.")
+@codec_options
+def encode(audio: Path, output: Path, full_reference: bool, codec_path: Path, codec_config: str, device: str,
+           precision: str) -> None:
+    """Encode the reference recording AUDIO into codec codes for voice cloning.
+
+    AUDIO is any file libsndfile reads (wav, flac, ogg, mp3, aiff...): it is mixed to mono and resampled to
+    44.1 kHz. The recording guide is checked: 3 s is the minimum, 10-30 s of one clean voice works best, peaks
+    should sit near -3 dBFS; problems are printed as warnings. Only the first 30 s are used unless
+    --full-reference is given.
+    """
+    reference = load_reference(audio, full=full_reference)
+    for warning in reference.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    codec = open_codec(codec_path, CodecConfig.load(codec_config), device, precision, with_encoder=True)
+    start = time.perf_counter()
+    codes = codec.encode(reference.samples).cpu().numpy()
+    elapsed = time.perf_counter() - start
+    save_codes(output, codes)
+    seconds = reference.samples.size / codec.config.sample_rate
+    click.echo(f"wrote {output}: codes [{codes.shape[0]}, {codes.shape[1]}] from {seconds:.2f} s of audio "
+               f"in {elapsed:.2f} s on {codec.device}")
+
+
+@click.command()
+@click.argument("codes", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Where to write the audio: .wav or .flac, 44.1 kHz, mono, 16-bit.")
+@click.option("--chunk-frames", type=click.IntRange(min=1), default=DECODE_CHUNK_FRAMES, show_default=True,
+              help="Frames decoded at a time: bounds memory; every value gives the same audio.")
+@codec_options
+def decode(codes: Path, output: Path, chunk_frames: int, codec_path: Path, codec_config: str, device: str,
+           precision: str) -> None:
+    """Decode CODES (.npy, integers [10, T], as written by `encode` or `synthesize`) into 44.1 kHz audio.
+
+    Only the decoding half of the codec is loaded (about 0.18 B parameters). Values above a codebook's size
+    are clamped as the reference does; negative values are an error.
+    """
+    array = load_codes(codes)
+    config = CodecConfig.load(codec_config)
+    validate_codes(array, config)  # fail before loading weights
+    codec = open_codec(codec_path, config, device, precision, with_encoder=False)
+    start = time.perf_counter()
+    decode_to_file(array, codec, output, chunk_frames)
+    elapsed = time.perf_counter() - start
+    seconds = array.shape[1] * config.frame_length / config.sample_rate
+    click.echo(f"wrote {output}: {seconds:.2f} s of audio in {elapsed:.2f} s on {codec.device}")
