@@ -20,7 +20,7 @@ from runtime.codec import (Codec, CodecConfig, checkpoint_layout, decode_to_file
                            validate_codes)
 from runtime.codec_cli import decode as decode_command
 from runtime.codec_cli import encode as encode_command
-from runtime.codec_layers import (CausalPipeline, WindowTransformer, _ConvRun, apply_rope, causal_leaves,
+from runtime.codec_layers import (CausalPipeline, WindowTransformer, _ConvRun, causal_leaves,
                                   fold_weight_norm, window_attention)
 from runtime.errors import CheckpointError, InputError
 from runtime.synthetic_codec import build_random_codec, official_state_dict, write_synthetic_codec
@@ -127,6 +127,27 @@ def test_causality(codec):
     assert torch.equal(c[:, :7], d[:, :7]) and not torch.equal(c, d)
 
 
+def test_quantizer_picks_nearest_entries_residually(codec):
+    """Against the reference's formula: squared distance between L2-normalised vectors, in float64;
+    the semantic book sees the latents, residual book k sees what books 0..k-1 left."""
+    q = codec.quantizer
+    z = torch.randn(1, 32, 24, generator=torch.Generator().manual_seed(11))
+
+    def nearest(vq, x):
+        e = F.normalize(vq.in_proj(x).double().transpose(1, 2)[0], dim=-1)
+        c = F.normalize(vq.codebook.weight.double(), dim=-1)
+        return (e.pow(2).sum(1, keepdim=True) - 2 * e @ c.T + c.pow(2).sum(1)[None]).argmin(-1)
+
+    with torch.no_grad():
+        semantic = q.semantic_quantizer.quantizers[0]
+        expected = [nearest(semantic, z)]
+        residual = z - semantic.decode(expected[0][None])
+        for vq in q.quantizer.quantizers:
+            expected.append(nearest(vq, residual))
+            residual = residual - vq.decode(expected[-1][None])
+        assert torch.equal(q.quantize(z)[0], torch.stack(expected))
+
+
 # ---------------------------------------------------------------------------------------------------
 # windowed attention
 
@@ -151,6 +172,13 @@ def test_window_attention_matches_naive_mask(t, window, cached):
                                rtol=1e-5, atol=1e-6)
 
 
+def rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Interleaved-pair RoPE as a complex product: (x0 + i x1)(cos + i sin). x: [B, T, H, D]."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    turn = torch.view_as_complex(table.float().contiguous())[None, :, None, :]
+    return torch.view_as_real(pairs * turn).flatten(-2).type_as(x)
+
+
 def reference_transformer(module: WindowTransformer, x: torch.Tensor) -> torch.Tensor:
     """The official computation written out: a precomputed bf16 RoPE table (torch.polar), a full T x T
     window-limited mask, SDPA over the whole sequence. x: [B, dim, T]."""
@@ -167,7 +195,7 @@ def reference_transformer(module: WindowTransformer, x: torch.Tensor) -> torch.T
         n = layer.attention_norm(h)
         q, k, v = layer.attention.wqkv(n).split(dim, dim=-1)
         q, k, v = (z.view(b, t, dim // d, d) for z in (q, k, v))
-        q, k = apply_rope(q, table), apply_rope(k, table)
+        q, k = rotate(q, table), rotate(k, table)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         h = h + layer.attention_layer_scale(layer.attention.wo(y.transpose(1, 2).reshape(b, t, dim)))
         h = h + layer.ffn_layer_scale(layer.feed_forward(layer.ffn_norm(h)))
