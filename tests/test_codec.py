@@ -4,6 +4,7 @@ loading and its errors, codes validation, precisions, real speech through the fu
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 
@@ -395,3 +396,15 @@ def test_cli_encode_then_decode(tmp_path, codec_path):
     assert isinstance(result.exception, InputError) and "negative" in str(result.exception)
     assert "Encode the reference recording" in runner.invoke(encode_command, ["--help"]).output
     assert "--chunk-frames" in runner.invoke(decode_command, ["--help"]).output
+
+
+def test_benchmark_runs_on_the_cpu(tmp_path):
+    spec = importlib.util.spec_from_file_location("codec_decode", "benchmarks/codec_decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    status = bench.main(["--device", "cpu", "--config", "tiny", "--seconds", "2", "--chunk-frames", "16",
+                         "--workdir", str(tmp_path), "--out", str(tmp_path / "results")])
+    assert status == 0
+    (table,) = (tmp_path / "results").glob("codec-decode-cpu-tiny-*.md")
+    text = table.read_text()
+    assert "(ok, tolerance 0.0001)" in text and "codes [10, 153]" in text and "| decode 2.0 s, chunks of 16" in text
