@@ -27,16 +27,11 @@ import torch  # noqa: E402
 
 from runtime.audio import load_reference  # noqa: E402
 from runtime.codec import Codec, CodecConfig, decode_to_file, load_codec  # noqa: E402
-from runtime.synthetic_codec import write_synthetic_codec  # noqa: E402
+from runtime.synthetic_codec import random_codes, write_synthetic_codec  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "librivox_sense_and_sensibility_0870.wav"
 FP32_TOLERANCE = 1e-4
 GB = 1e9
-
-
-def random_codes(frames: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.cat([torch.randint(0, 4096, (1, frames), generator=g), torch.randint(0, 1024, (9, frames), generator=g)])
 
 
 class Meter:
@@ -69,7 +64,7 @@ def memory(alloc: int, reserved: int) -> str:
 
 def check_chunking(codec: Codec, frames: int) -> tuple[float, float]:
     """Max |chunked - whole| and |streamed - whole| on a short random input."""
-    codes = random_codes(frames, seed=1)
+    codes = random_codes(frames, codec.config, seed=1)
     whole = codec.decode(codes, chunk_frames=None)
     chunked = codec.decode(codes, chunk_frames=7)
     streamed = torch.cat(list(codec.decode_stream((codes[:, i] for i in range(frames)), min_frames=3)))
@@ -111,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         stale = (16384, 4096) if args.config == "s2pro" else None
         start = time.perf_counter()
         write_synthetic_codec(path, config, seed=0, stale_blocks=stale)
-        rows.append(("write synthetic codec.pth", f"{time.perf_counter() - start:.1f} s, {path.stat().st_size:,} bytes"))
+        size = path.stat().st_size
+        rows.append(("write synthetic codec.pth", f"{time.perf_counter() - start:.1f} s, {size:,} bytes"))
 
         fp32 = load_codec(path, config, device, torch.float32)
         chunk_err, stream_err = check_chunking(fp32, frames=40)
@@ -129,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("bf16 chunked / streamed vs whole, max abs diff", f"{chunk_err:.2e} / {stream_err:.2e}"))
 
         frames = round(args.seconds * config.sample_rate / config.frame_length)
-        codes = random_codes(frames, seed=2)
+        codes = random_codes(frames, config, seed=2)
         audio_s = frames * config.frame_length / config.sample_rate
         codec.decode(codes[:, :16], chunk_frames=8)  # warm-up: kernels, allocator
         for chunk in args.chunk_frames:

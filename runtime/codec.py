@@ -13,16 +13,16 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from runtime.audio import write_audio_chunks
+from runtime.codec_checkpoint import load_parameters, read_checkpoint
 from runtime.codec_layers import (Chain, CausalConv1d, CausalConvTranspose1d, CausalPipeline, ConvNeXtBlock,
-                                  ResidualUnit, Snake1d, Tanh, WindowTransformer, causal_leaves,
-                                  WeightNormStyle, fold_weight_norm, weight_normed)
+                                  ResidualUnit, Snake1d, Tanh, WindowTransformer, causal_leaves, weight_normed)
 from runtime.errors import CheckpointError, InputError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -211,6 +211,12 @@ class Decoder(nn.Module):
         self.model = nn.Sequential(*layers)
 
 
+def _positive(value: int, name: str) -> int:
+    if value < 1:
+        raise InputError(f"{name} must be at least 1, got {value}")
+    return value
+
+
 def validate_codes(codes: Tensor | np.ndarray, config: CodecConfig) -> Tensor:
     """Check codes [10, T] and clamp them like the reference (row 0 <= 4095, rows 1..9 <= 1023).
     Returns a new int64 tensor; the caller's is never modified."""
@@ -271,14 +277,14 @@ class Codec(nn.Module):
         if audio.dim() != 1 or audio.numel() == 0 or not audio.is_floating_point():
             raise InputError(f"audio to encode must be a non-empty 1-D float array, got "
                              f"{list(audio.shape)} {str(audio.dtype).removeprefix('torch.')}")
-        self.load_encoder()
         frame = self.config.frame_length
         frames = -(-audio.numel() // frame)
+        step = frame * (frames if chunk_frames is None else _positive(chunk_frames, "chunk_frames"))
+        self.load_encoder()
         x = nn.functional.pad(audio.to(self.device, self.dtype), (0, frames * frame - audio.numel()))[None, None]
-        step = frame * (frames if chunk_frames is None else chunk_frames)
         layers = [*causal_leaves(self.encoder), *causal_leaves(self.quantizer.downsample), self.quantizer.pre_module]
         pipeline = CausalPipeline(layers)
-        with torch.inference_mode():
+        with torch.no_grad():
             codes = [self.quantizer.quantize(pipeline.push(x[..., s:s + step])) for s in range(0, x.shape[-1], step)]
         return torch.cat(codes, dim=-1)[0]
 
@@ -289,16 +295,17 @@ class Codec(nn.Module):
 
     def decode_chunks(self, codes: Tensor | np.ndarray, chunk_frames: int | None = DECODE_CHUNK_FRAMES
                       ) -> Iterator[Tensor]:
-        """Decode codes [10, T] in pieces of `chunk_frames` frames, yielding audio as it is made."""
+        """Decode codes [10, T] in pieces of `chunk_frames` frames, yielding audio as it is made.
+        The codes are checked before anything is decoded."""
         codes = validate_codes(codes, self.config)
-        step = codes.shape[1] if chunk_frames is None else chunk_frames
+        step = codes.shape[1] if chunk_frames is None else _positive(chunk_frames, "chunk_frames")
         stream = DecodeStream(self)
-        for start in range(0, codes.shape[1], step):
-            yield stream.push(codes[:, start:start + step])
+        return (stream.push(codes[:, start:start + step]) for start in range(0, codes.shape[1], step))
 
     def decode_stream(self, frames: Iterable[Tensor | np.ndarray], min_frames: int = 1) -> Iterator[Tensor]:
         """Decode frames as they arrive (each [10] or [10, n]); yields audio once `min_frames` are pending.
         The chunks concatenate to `decode` of all frames."""
+        min_frames = _positive(min_frames, "min_frames")
         stream, pending, count = DecodeStream(self), [], 0
         for frame in frames:
             frame = torch.as_tensor(frame)
@@ -322,7 +329,7 @@ class DecodeStream:
     def push(self, codes: Tensor | np.ndarray) -> Tensor:
         """codes [10, n] -> audio [2048 n], float32 on the codec's device."""
         codes = validate_codes(codes, self.codec.config).to(self.codec.device)
-        with torch.inference_mode():
+        with torch.no_grad():
             z = self.codec.quantizer.from_codes(codes[None])
             return self.pipeline.push(z)[0, 0].float()
 
@@ -332,104 +339,6 @@ def decode_to_file(codes: Tensor | np.ndarray, codec: Codec, path: str | Path,
     """Decode codes [10, T] and write 44.1 kHz audio to `path` (.wav or .flac) atomically, chunk by chunk."""
     chunks = (c.cpu().numpy() for c in codec.decode_chunks(codes, chunk_frames))
     return write_audio_chunks(path, chunks, codec.config.sample_rate)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpoint
-
-
-def _weight_norm_keys(prefix: str, style: str) -> tuple[str, str]:
-    if style == "parametrized":
-        return f"{prefix}.parametrizations.weight.original0", f"{prefix}.parametrizations.weight.original1"
-    return f"{prefix}.weight_g", f"{prefix}.weight_v"
-
-
-@dataclass(frozen=True)
-class LayoutEntry:
-    """One tensor of the official checkpoint: which module parameter it makes, and how."""
-
-    key: str
-    shape: torch.Size
-    param: str  # the module's parameter name
-    part: str  # "tensor" (stored as is), "g" or "v" (weight-norm pair, folded into the weight)
-
-
-def checkpoint_entries(model: nn.Module, style: WeightNormStyle | None = None) -> list[LayoutEntry]:
-    """The checkpoint tensors `model` needs, in the official file's order (a weight-normed conv stores
-    bias, then g, then v). `style` overrides the official weight-norm style of every normed conv."""
-    entries = []
-    for prefix, module in model.named_modules():
-        module_style = getattr(module, "weight_norm_style", None)
-        for name, param in module.named_parameters(recurse=False):
-            if not (module_style and name == "weight"):
-                entries.append(LayoutEntry(f"{prefix}.{name}", param.shape, f"{prefix}.{name}", "tensor"))
-        if module_style:
-            g_key, v_key = _weight_norm_keys(prefix, style or module_style)
-            shape = module.weight.shape
-            entries.append(LayoutEntry(g_key, torch.Size([shape[0], 1, 1]), f"{prefix}.weight", "g"))
-            entries.append(LayoutEntry(v_key, shape, f"{prefix}.weight", "v"))
-    return entries
-
-
-def checkpoint_layout(model: nn.Module) -> dict[str, torch.Size]:
-    """Official checkpoint key -> shape for every tensor `model` needs, in file order."""
-    return {e.key: e.shape for e in checkpoint_entries(model)}
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """The tensors of a codec.pth, memory-mapped, with any `state_dict` wrapper and `generator.` prefix removed."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"codec checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read codec checkpoint {path}: {reason}") from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"codec checkpoint {path} does not hold a state dict")
-    return {k.removeprefix("generator."): v for k, v in obj.items() if isinstance(v, Tensor)}
-
-
-def _tensor(tensors: Mapping[str, Tensor], key: str, shape: torch.Size, path: Path) -> Tensor:
-    if key not in tensors:
-        raise CheckpointError(f"codec checkpoint {path} lacks tensor '{key}' (is it the S2 Pro codec.pth?)")
-    t = tensors[key]
-    if t.shape != shape or not t.is_floating_point():
-        raise CheckpointError(f"codec checkpoint {path}: tensor '{key}' is {list(t.shape)} "
-                              f"{str(t.dtype).removeprefix('torch.')}, expected {list(shape)} float")
-    return t
-
-
-def _folded_weight(tensors: Mapping[str, Tensor], prefix: str, style: str, shape: torch.Size, path: Path) -> Tensor:
-    """A weight-normed conv's weight from either weight-norm style (or already folded)."""
-    g_shape = torch.Size([shape[0], 1, 1])
-    for candidate in ("parametrized", "legacy"):
-        g_key, v_key = _weight_norm_keys(prefix, candidate)
-        if g_key in tensors or v_key in tensors:
-            return fold_weight_norm(_tensor(tensors, g_key, g_shape, path), _tensor(tensors, v_key, shape, path))
-    if f"{prefix}.weight" in tensors:
-        return _tensor(tensors, f"{prefix}.weight", shape, path)
-    return _tensor(tensors, _weight_norm_keys(prefix, style)[1], shape, path)  # raises, naming the key
-
-
-def load_parameters(model: nn.Module, tensors: Mapping[str, Tensor], path: Path,
-                    device: torch.device, dtype: torch.dtype) -> None:
-    """Fill every parameter of `model` still on the meta device from `tensors`, one tensor at a time."""
-    loaded: dict[str, Tensor] = {}
-    for prefix, module in model.named_modules():
-        style = getattr(module, "weight_norm_style", None)
-        for name, param in module.named_parameters(recurse=False):
-            if not param.is_meta:
-                continue
-            key = f"{prefix}.{name}"
-            t = (_folded_weight(tensors, prefix, style, param.shape, path) if style and name == "weight"
-                 else _tensor(tensors, key, param.shape, path))
-            loaded[key] = t.to(device=device, dtype=dtype).contiguous()
-    model.load_state_dict(loaded, strict=False, assign=True)
-    model.requires_grad_(False)
 
 
 def load_codec(path: str | Path, config: CodecConfig | None = None, device: str | torch.device = "cpu",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +23,10 @@ from torch import Tensor, nn
 # ("legacy": `weight_g/weight_v`). Our modules hold the folded plain weight; the tag tells the loader and
 # the synthetic writer which keys the official file uses.
 WeightNormStyle = Literal["parametrized", "legacy"]
+Conv = TypeVar("Conv", nn.Conv1d, nn.ConvTranspose1d)
 
 
-def weight_normed(conv: nn.Conv1d | nn.ConvTranspose1d, style: WeightNormStyle) -> nn.Module:
+def weight_normed(conv: Conv, style: WeightNormStyle) -> Conv:
     """Tag `conv` as stored with weight norm in `style` (see `WeightNormStyle`)."""
     conv.weight_norm_style = style
     return conv
@@ -42,9 +43,9 @@ class CausalLayer(nn.Module):
     """A layer whose output step t depends only on input steps up to the end of t's frame.
 
     `down` input steps make one output step (a strided conv), or one input step makes `up` output steps
-    (a transposed conv). `history(n)` is the number of input steps before the first new input that must be
-    present for the `n` output steps before the first new output to be exact: chaining it backwards gives a
-    stack's receptive field.
+    (a transposed conv). When a sequence is processed piece by piece, `history(n)` says how many input steps
+    from before the piece must be supplied for the piece's outputs, and the n outputs just before them, to
+    come out exact; applied from the last layer back to the first it gives a stack's receptive field.
     """
 
     down: int = 1
@@ -374,7 +375,8 @@ class CausalPipeline:
     """Runs a chain of causal layers and window transformers over a sequence given in pieces.
 
     `push` returns the outputs of the new piece only; the outputs of all pieces concatenate to the output
-    of one push of the whole sequence (up to float rounding). One pipeline per sequence: it holds state.
+    of one push of the whole sequence (up to float rounding). Each piece must be a whole number of frames of
+    the strided convolutions (2048 samples for the encoder). One pipeline per sequence: it holds state.
     """
 
     def __init__(self, layers: Sequence[nn.Module]) -> None:
@@ -390,11 +392,6 @@ class CausalPipeline:
                 convs.append(layer)
         if convs:
             self.stages.append(_ConvRun(convs))
-
-    @property
-    def down(self) -> int:
-        """Input steps per output step, i.e. the granularity of pieces."""
-        return math.prod(s.down for s in self.stages if isinstance(s, _ConvRun))
 
     def push(self, x: Tensor) -> Tensor:
         for stage in self.stages:

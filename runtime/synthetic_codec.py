@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from runtime.codec import Codec, CodecConfig, checkpoint_entries
+from runtime.codec import Codec, CodecConfig
+from runtime.codec_checkpoint import checkpoint_entries
 from runtime.codec_layers import ConvNeXtBlock, LayerScale, RMSNorm, Snake1d, WeightNormStyle, WindowTransformer
 from runtime.files import atomic_path
 
@@ -74,6 +75,14 @@ def build_random_codec(config: CodecConfig, seed: int = 0) -> Codec:
         codec = Codec(config, with_encoder=True)
     randomize(codec, seed)
     return codec.requires_grad_(False)
+
+
+def random_codes(frames: int, config: CodecConfig, seed: int = 0) -> Tensor:
+    """Uniformly random valid codes [10, frames] (int64): row 0 from the semantic book, rows 1.. residual."""
+    g = torch.Generator().manual_seed(seed)
+    semantic = torch.randint(0, config.semantic_codebook_size, (1, frames), generator=g)
+    residual = torch.randint(0, config.codebook_size, (config.residual_codebooks, frames), generator=g)
+    return torch.cat([semantic, residual])
 
 
 def write_synthetic_codec(path: str | Path, config: CodecConfig, seed: int = 0,

@@ -17,17 +17,18 @@ from click.testing import CliRunner
 
 from conftest import spec_tensors
 from runtime.audio import load_reference
-from runtime.codec import (Codec, CodecConfig, checkpoint_layout, decode_to_file, load_codec, read_checkpoint,
-                           validate_codes)
+from runtime.codec import Codec, CodecConfig, decode_to_file, load_codec, validate_codes
+from runtime.codec_checkpoint import checkpoint_layout, read_checkpoint
 from runtime.codec_cli import decode as decode_command
 from runtime.codec_cli import encode as encode_command
 from runtime.codec_layers import (CausalPipeline, WindowTransformer, _ConvRun, causal_leaves,
                                   fold_weight_norm, window_attention)
 from runtime.errors import CheckpointError, InputError
-from runtime.synthetic_codec import build_random_codec, official_state_dict, write_synthetic_codec
+from runtime.synthetic_codec import build_random_codec, official_state_dict, random_codes, write_synthetic_codec
 
 FIXTURE = "tests/fixtures/librivox_sense_and_sensibility_0870.wav"
 S2PRO_CODEC_PARAMETERS = 391_430_530
+TINY = CodecConfig.load("tiny")
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +40,7 @@ def plain_cpu_kernels(monkeypatch):
 
 @pytest.fixture(scope="module")
 def config() -> CodecConfig:
-    return CodecConfig.load("tiny")
+    return TINY
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +53,11 @@ def codec(codec_path, config) -> Codec:
     return load_codec(codec_path, config, with_encoder=True)
 
 
-def random_codes(frames: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.cat([torch.randint(0, 4096, (1, frames), generator=g), torch.randint(0, 1024, (9, frames), generator=g)])
-
-
 def speechlike(samples: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     t = torch.arange(samples) / 44100
-    return 0.3 * torch.sin(2 * math.pi * 180 * t) * torch.sin(2 * math.pi * 3 * t) + 0.02 * torch.randn(samples, generator=g)
+    tone = 0.3 * torch.sin(2 * math.pi * 180 * t) * torch.sin(2 * math.pi * 3 * t)
+    return tone + 0.02 * torch.randn(samples, generator=g)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -79,7 +76,7 @@ def test_code_and_audio_lengths(codec, n):
 
 
 def test_chunked_decode_equals_whole(codec):
-    codes = random_codes(50)
+    codes = random_codes(50, TINY)
     whole = codec.decode(codes, chunk_frames=None)
     assert whole.std() > 0.01  # a real signal, not a saturated or silent one
     for chunk in (1, 3, 7, 16, 49):
@@ -87,7 +84,7 @@ def test_chunked_decode_equals_whole(codec):
 
 
 def test_stream_concatenates_to_whole(codec):
-    codes = random_codes(30, seed=1)
+    codes = random_codes(30, TINY, seed=1)
     whole = codec.decode(codes, chunk_frames=None)
     pieces = list(codec.decode_stream((codes[:, i] for i in range(30)), min_frames=4))
     assert [p.shape[0] for p in pieces] == [4 * 2048] * 7 + [2 * 2048]
@@ -116,9 +113,9 @@ def test_decoder_receptive_field_is_exact(codec):
 
 
 def test_causality(codec):
-    codes = random_codes(12, seed=4)
+    codes = random_codes(12, TINY, seed=4)
     edited = codes.clone()
-    edited[:, 7:] = random_codes(5, seed=5)
+    edited[:, 7:] = random_codes(5, TINY, seed=5)
     a, b = codec.decode(codes, chunk_frames=None), codec.decode(edited, chunk_frames=None)
     assert torch.equal(a[: 7 * 2048], b[: 7 * 2048]) and not torch.equal(a, b)
     audio = speechlike(12 * 2048, seed=6)
@@ -264,7 +261,7 @@ def test_synthetic_file_holds_official_keys(codec_path, codec):
 @pytest.mark.parametrize("variant", ["legacy", "parametrized", "wrapped"])
 def test_loads_any_weight_norm_style_and_wrapping(tmp_path, config, variant):
     reference = build_random_codec(config, seed=5)
-    codes = random_codes(9, seed=7)
+    codes = random_codes(9, TINY, seed=7)
     expected = reference.decode(codes, chunk_frames=None)
     style = None if variant == "wrapped" else variant
     state = official_state_dict(build_random_codec(config, seed=5), seed=5, style=style, stale_blocks=(8, 8))
@@ -280,7 +277,7 @@ def test_checkpoint_errors_name_the_tensor(tmp_path, config):
     missing = dict(state)
     del missing["quantizer.post_module.layers.1.attention.wo.weight"]
     torch.save(missing, tmp_path / "missing.pth")
-    with pytest.raises(CheckpointError, match=r"lacks tensor 'quantizer\.post_module\.layers\.1\.attention\.wo\.weight'"):
+    with pytest.raises(CheckpointError, match=r"lacks tensor 'quantizer\.post_module\.layers\.1\.attention\.wo\."):
         load_codec(tmp_path / "missing.pth", config)
     wrong = dict(state)
     key = "decoder.model.0.conv.parametrizations.weight.original1"
@@ -318,7 +315,7 @@ def test_decode_only_load_then_encoder_on_demand(codec_path, config, codec):
 
 
 def test_decode_clamps_without_touching_the_callers_codes(codec):
-    codes = random_codes(6, seed=8)
+    codes = random_codes(6, TINY, seed=8)
     codes[0, 2], codes[3, 4], codes[9, 0] = 9999, 5000, 1024
     original = codes.clone()
     clamped = codes.clone()
@@ -346,6 +343,12 @@ def test_bad_audio_to_encode_is_refused(codec):
     for audio in (torch.zeros(0), torch.zeros(2, 100), torch.zeros(100, dtype=torch.int16)):
         with pytest.raises(InputError, match="1-D float"):
             codec.encode(audio)
+    with pytest.raises(InputError, match="chunk_frames must be at least 1"):
+        codec.encode(torch.zeros(100), chunk_frames=0)
+    with pytest.raises(InputError, match="chunk_frames must be at least 1"):
+        codec.decode(random_codes(3, TINY), chunk_frames=0)
+    with pytest.raises(InputError, match="negative"):
+        codec.decode_chunks(-random_codes(3, TINY) - 1)  # checked before the first chunk is asked for
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -355,7 +358,7 @@ def test_bad_audio_to_encode_is_refused(codec):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precisions_track_fp32(codec_path, config, codec, dtype):
     half = load_codec(codec_path, config, dtype=dtype)
-    codes = random_codes(8, seed=9)
+    codes = random_codes(8, TINY, seed=9)
     reference, audio = codec.decode(codes), half.decode(codes)
     assert audio.dtype == torch.float32 and torch.isfinite(audio).all()
     assert (audio - reference).abs().mean() < 0.05 * reference.abs().mean()
