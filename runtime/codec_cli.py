@@ -73,6 +73,8 @@ def encode(audio: Path, output: Path, full_reference: bool, codec_path: Path, co
     44.1 kHz. The recording guide is checked: 3 s is the minimum, 10-30 s of one clean voice works best, peaks
     should sit near -3 dBFS; problems are printed as warnings. Only the first 30 s are used unless
     --full-reference is given.
+
+    Example: s2edge encode voice.wav -o voice.npy
     """
     reference = load_reference(audio, full=full_reference)
     for warning in reference.warnings:
@@ -100,6 +102,8 @@ def decode(codes: Path, output: Path, chunk_frames: int, codec_path: Path, codec
 
     Only the decoding half of the codec is loaded (about 0.18 B parameters). Values above a codebook's size
     are clamped as the reference does; negative values are an error.
+
+    Example: s2edge decode output.npy -o output.wav
     """
     array = load_codes(codes)
     config = CodecConfig.load(codec_config)
