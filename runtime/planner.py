@@ -85,8 +85,8 @@ def prefill_bytes(config: ModelConfig, tokens: int, act_bytes: int, fmt: str, fl
     The largest of: the embedding (the 10 codebook rows of every position gathered before their sum); attention
     (block input and its norm, fused qkv, QK-normed q and k, and RoPE of q in fp32: its float copy and the two
     rotated halves); the FFN (block input, residual, norm, and three [L, intermediate] tensors: SiLU(gate), up,
-    product); and, for a quantized format, the FFN's inputs plus one intermediate while a [intermediate, dim]
-    weight is dequantized. With `flash` (CUDA sm_80+, the CPU) SDPA holds no [L, L] scores; without it (bf16 on
+    product); and, for a quantized format, the FFN's inputs and one intermediate while an [intermediate, dim]
+    weight is dequantized, or two while it multiplies. With `flash` (CUDA sm_80+, the CPU) SDPA holds no [L, L] scores; without it (bf16 on
     sm_75 has neither flash nor memory-efficient kernels) the math backend adds the scores and their softmax for
     every head, and K and V repeated to all heads.
     """
@@ -99,8 +99,10 @@ def prefill_bytes(config: ModelConfig, tokens: int, act_bytes: int, fmt: str, fl
     if not flash:
         peak = max(peak, attention * tokens + act_bytes * s.n_head * tokens * (2 * tokens + 2 * s.head_dim))
     if fmt in QUANTIZED:
-        dequant = int(DEQUANT_SCRATCH[fmt] * s.intermediate_size * s.dim)
-        peak = max(peak, act_bytes * (3 * s.dim + s.intermediate_size) * tokens + dequant)
+        n = s.intermediate_size * s.dim
+        dequantizing = act_bytes * (3 * s.dim + s.intermediate_size) * tokens + int(DEQUANT_SCRATCH[fmt] * n)
+        multiplying = act_bytes * (3 * s.dim + 2 * s.intermediate_size) * tokens + act_bytes * n
+        peak = max(peak, dequantizing, multiplying)
     return peak
 
 

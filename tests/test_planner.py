@@ -142,7 +142,7 @@ def _one_layer_model(fmt: str | None) -> tuple[DualAR, object]:
     return model, c
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nf4"])
 def test_prefill_activations_match_the_eager_model(fmt):
     model, c = _one_layer_model(None if fmt == "bf16" else fmt)
     tokens = 512
