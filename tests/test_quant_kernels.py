@@ -31,15 +31,17 @@ requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def _tile(wide: Tile) -> Tile:
     """Wide tiles in the interpreter (its cost grows with the number of programs, not their size); a real one
     on the GPU, where a wide tile would not fit in registers."""
-    return Tile(4, 256) if CUDA else wide
+    return Tile(4, 256, 1) if CUDA else wide
 
 
-# (out, in, tile): ragged rows and K (neither a multiple of the tile), then two real S2 shapes.
+# (out, in, tile): ragged rows and K (neither a multiple of the tile), K a multiple of the tile, then two real
+# S2 shapes (the tall-K w2 with a ragged last step; the 4 097-row head with whole steps).
 SHAPES = [
-    (37, 320, _tile(Tile(8, 256))),
-    (130, 1088, _tile(Tile(16, 512))),
-    (2560, 9728, _tile(Tile(128, 2048))),
-    (4097, 2560, _tile(Tile(128, 1024))),
+    (37, 320, _tile(Tile(8, 256, 1))),
+    (130, 1088, _tile(Tile(16, 512, 2))),
+    (64, 512, _tile(Tile(8, 256, 1))),
+    (2560, 9728, _tile(Tile(128, 2048, 8))),
+    (4097, 2560, _tile(Tile(128, 512, 2))),
 ]
 SHAPE_IDS = [f"{n}x{k}" for n, k, _ in SHAPES]
 
@@ -99,7 +101,7 @@ def test_fp8_bit_decode_is_exact_for_every_code():
     x = torch.zeros(16, device=DEVICE)
     x[3] = 1.0
     for bits in (False, True):
-        y = gemv8(x, weight, scale, fp8_bits=bits, tile=Tile(16, 16))
+        y = gemv8(x, weight, scale, fp8_bits=bits, tile=Tile(16, 16, 1))
         assert torch.equal(y.cpu(), codes[finite].float()), f"fp8_bits={bits}"
 
 
@@ -109,7 +111,7 @@ def test_nf4_fp32_scales():
     layer = quantize_linear(torch.randn(64, 512, generator=gen) * 1e-6, "nf4").to(DEVICE)
     assert layer.absmax.dtype == torch.float32
     x = torch.randn(512, device=DEVICE)
-    assert error_stats(_run(layer, x, Tile(16, 256)), x @ layer.dequantize().T).rel_fro < 1e-5
+    assert error_stats(_run(layer, x, Tile(16, 256, 1)), x @ layer.dequantize().T).rel_fro < 1e-5
 
 
 @pytest.mark.cuda

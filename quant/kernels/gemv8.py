@@ -1,8 +1,12 @@
 """Batch-1 GEMV over 8-bit weights with one fp32 scale per output row (FP8 e4m3 or INT8).
 
-y[n] = scale[n] * sum_k x[k] * q[n, k], accumulated in fp32. Each byte is read once, straight from the stored
-layout. FP8 uses the hardware conversion on sm_89+; Triton cannot compile float8_e4m3fn for older cards, so there
-the kernel decodes the bits with integer operations (exact for every finite e4m3 value, subnormals included).
+y[n] = scale[n] * sum_k x[k] * q[n, k], accumulated in fp32. Each weight byte is read once, straight from the
+stored layout. FP8 uses the hardware conversion on sm_89+; Triton cannot compile float8_e4m3fn for older cards,
+so there the kernel decodes the bits with integer operations (exact for every finite e4m3 value).
+
+Layout: each thread owns groups of 8 consecutive columns of BLOCK_N rows and the 8 matching x values (one
+16-byte load), so x is loaded once per thread for all rows and no data crosses threads inside the loop.
+K must be a multiple of 8 (every S2 width is).
 """
 
 from __future__ import annotations
@@ -25,11 +29,20 @@ def _decode_e4m3_bits(q):
     return h.to(tl.float16, bitcast=True).to(tl.float32)
 
 
+@triton.jit
+def _clamp(i, n, EVEN_K: tl.constexpr):
+    # Groups past the end (last, partial step only) read the last group again; x is 0 there.
+    if EVEN_K:
+        return i
+    else:
+        return tl.minimum(i, n - 1)
+
+
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _gemv8_kernel(
     x_ptr,  # [K] bf16 / fp16 / fp32
-    w_ptr,  # [N, K] int8 or float8_e4m3fn (uint8 when FP8_BITS), row-major
+    w_ptr,  # [N, K] int8 or float8_e4m3fn (uint8 when FP8_BITS), row-major, K % 8 == 0
     scale_ptr,  # [N] fp32
     y_ptr,  # [N], x's dtype
     N,
@@ -39,24 +52,35 @@ def _gemv8_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
+    NG: tl.constexpr = BLOCK_K // 8  # groups of 8 columns per step
     out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(out_rows, N - 1)  # clamped: every load is in bounds, the store drops the duplicates
-    cols = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + rows[:, None] * K  # [BLOCK_N, 1]
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + cols  # [BLOCK_K]
+    n_groups = K // 8
+    group = tl.arange(0, NG)
+    t = tl.arange(0, 8)
+    w_rows = w_ptr + rows[:, None, None] * K  # [BLOCK_N, 1, 1]
+    acc = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
+    # Software pipelining by hand: the next step's weights are requested before this step's arithmetic, so two
+    # steps per thread are in flight (Triton pipelines only loads that feed tl.dot).
+    gl = _clamp(group, n_groups, EVEN_K)
+    q_next = tl.load(w_rows + (gl[:, None] * 8 + t[None, :])[None, :, :], eviction_policy="evict_first")
+    for g0 in range(0, n_groups, NG):
+        gi = g0 + group  # [NG]
+        q = q_next  # [BLOCK_N, NG, 8]
+        more = g0 + NG + tl.zeros([1, 1, 1], dtype=tl.int32) < n_groups  # [1, 1, 1]: is there a next step
+        gl = _clamp(gi + NG, n_groups, EVEN_K)
+        q_next = tl.load(w_rows + (gl[:, None] * 8 + t[None, :])[None, :, :], mask=more,
+                         eviction_policy="evict_first")
+        cols = (gi[:, None] * 8 + t[None, :])[None, :, :]  # [1, NG, 8]
         if EVEN_K:
-            q = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
-            xk = tl.load(x_ptr + k, eviction_policy="evict_last")
-        else:  # past the end: read the last column again, against x = 0
-            q = tl.load(w_rows + tl.minimum(k, K - 1)[None, :], eviction_policy="evict_first")
-            xk = tl.load(x_ptr + k, mask=k < K, other=0.0, eviction_policy="evict_last")
+            xk = tl.load(x_ptr + cols, eviction_policy="evict_last")
+        else:
+            xk = tl.load(x_ptr + cols, mask=cols < K, other=0.0, eviction_policy="evict_last")
         if FP8_BITS:
             w = _decode_e4m3_bits(q)
         else:
             w = q.to(tl.float32)
-        acc += w * xk.to(tl.float32)[None, :]
+        acc += tl.sum(w * xk.to(tl.float32), axis=2)  # the 8 columns of a group live in one thread
     y = tl.sum(acc, axis=1) * tl.load(scale_ptr + rows)
     if FP8_BITS:
         y = y * 256.0
@@ -64,6 +88,11 @@ def _gemv8_kernel(
 
 
 _tuned = autotuned(_gemv8_kernel)
+
+
+def kernel_accepts(in_features: int) -> bool:
+    """Rows must be made of whole groups of 8 columns."""
+    return in_features % 8 == 0
 
 
 def gemv8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fp8_bits: bool | None = None,
@@ -81,7 +110,7 @@ def gemv8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fp8_bit
         fp8_bits = False
     elif fp8_bits is None:
         fp8_bits = weight.is_cuda and not fp8_native(weight.device)
-    assert x.shape == (k,) and scale.numel() == n and weight.is_contiguous() and n * k < 2**31
+    assert x.shape == (k,) and k % 8 == 0 and scale.numel() == n and weight.is_contiguous() and n * k < 2**31
     w = weight.view(torch.uint8) if fp8_bits else weight
     y = torch.empty(n, dtype=x.dtype, device=x.device)
     if tile is None:

@@ -1,11 +1,15 @@
 """Batch-1 GEMV over NF4 weights in bitsandbytes' packed layout, with the block scales in fp16/fp32.
 
 bitsandbytes packs a weight [N, K] row-major, two 4-bit codes per byte, the even column in the high nibble: for
-K even that byte array *is* a [N, K/2] matrix, so the kernel reads the stored bytes as they are. Its double
-quantization (8-bit block scales) is undone once at load into one scale per block of QBLOCK columns, so each
-step needs one scale per block and no table walk. The 16 NF4 values are looked up in a 64-byte table (L1-resident).
+K even that byte array *is* a [N, K/2] matrix, which the kernel reads as it is stored, 32 bits (8 columns) at a
+time. Its double quantization (8-bit block scales) is undone once at load into one scale per block of QBLOCK
+columns. The 16 NF4 values are looked up with `tl.gather` (a table in shared memory: one 32-bit-addressed load
+per value, where a global-memory table costs a 64-bit address computation more).
 
 y[n] = sum_b absmax[n, b] * sum_{k in block b} code[q[n, k]] * x[k], accumulated in fp32.
+
+Layout: each thread owns whole 32-bit words of BLOCK_N rows and the 8 matching x values, so x is loaded once
+per thread for all rows and the 8 products of a word are summed without crossing threads.
 """
 
 from __future__ import annotations
@@ -17,69 +21,78 @@ import triton.language as tl
 from quant.kernels.tiles import Tile, autotuned
 
 
+@triton.jit
+def _clamp(i, n, EVEN_K: tl.constexpr):
+    # Words past the end (last, partial step only) read the last word again; x is 0 there.
+    if EVEN_K:
+        return i
+    else:
+        return tl.minimum(i, n - 1)
+
+
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _gemv_nf4_kernel(
     x_ptr,  # [K] bf16 / fp16 / fp32
-    w_ptr,  # [N, K // 2] uint8: high nibble = column 2j, low nibble = column 2j + 1
+    w_ptr,  # [N, K // 8] int32 words, row stride stride_w; byte j of a word: column 2j high nibble, 2j + 1 low
     absmax_ptr,  # [N, K // QBLOCK] fp16 or fp32
     code_ptr,  # [16] fp32, the NF4 values
     y_ptr,  # [N], x's dtype
     N,
     K,
+    stride_w,
     QBLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    NB: tl.constexpr = BLOCK_K // QBLOCK  # quantization blocks per step
-    HB: tl.constexpr = QBLOCK // 2  # bytes per block
+    NW: tl.constexpr = BLOCK_K // 8  # words per row and step
+    WPB: tl.constexpr = QBLOCK // 8  # words per quantization block
     out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(out_rows, N - 1)  # clamped: every load is in bounds, the store drops the duplicates
-    n_blocks = K // QBLOCK
-    w_rows = w_ptr + rows[:, None, None] * (K // 2)  # [BLOCK_N, 1, 1]
-    a_rows = absmax_ptr + rows[:, None] * n_blocks  # [BLOCK_N, 1]
-    blk = tl.arange(0, NB)
-    byte = tl.arange(0, HB)
-    acc = tl.zeros([BLOCK_N, NB, HB], dtype=tl.float32)
-    for b0 in range(0, n_blocks, NB):
-        b = b0 + blk  # [NB] block index within the row
-        j = b[:, None] * HB + byte[None, :]  # [NB, HB] byte index within the row
+    n_words = K // 8
+    word = tl.arange(0, NW)
+    t = tl.arange(0, 8)
+    shift = (t ^ 1) * 4  # [8]: column 8w + t sits at bits shift[t] of word w (little-endian bytes)
+    w_rows = w_ptr + rows[:, None] * stride_w  # [BLOCK_N, 1]
+    a_rows = absmax_ptr + rows[:, None] * (K // QBLOCK)  # [BLOCK_N, 1]
+    table = tl.load(code_ptr + tl.arange(0, 16))  # [16]
+    acc = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
+    # Software pipelining by hand: the next step's words and scales are requested before this step's arithmetic,
+    # so two tiles per thread are in flight (Triton pipelines only loads that feed tl.dot).
+    wl = _clamp(word, n_words, EVEN_K)
+    q_next = tl.load(w_rows + wl[None, :], eviction_policy="evict_first")  # [BLOCK_N, NW] int32
+    s_next = tl.load(a_rows + (wl // WPB)[None, :])  # [BLOCK_N, NW]: the scale of each word's block
+    for w0 in range(0, n_words, NW):
+        wi = w0 + word  # [NW]
+        q, s = q_next, s_next
+        more = w0 + NW + tl.zeros([1, 1], dtype=tl.int32) < n_words  # [1, 1]: is there a next step
+        wl = _clamp(wi + NW, n_words, EVEN_K)
+        q_next = tl.load(w_rows + wl[None, :], mask=more, eviction_policy="evict_first")
+        s_next = tl.load(a_rows + (wl // WPB)[None, :], mask=more)
+        cols = (wi[:, None] * 8 + t[None, :])[None, :, :]  # [1, NW, 8]
         if EVEN_K:
-            q = tl.load(w_rows + j[None, :, :], eviction_policy="evict_first")  # [BLOCK_N, NB, HB]
-            s = tl.load(a_rows + b[None, :], eviction_policy="evict_first")  # [BLOCK_N, NB]
-            x_even = tl.load(x_ptr + 2 * j, eviction_policy="evict_last")  # [NB, HB]
-            x_odd = tl.load(x_ptr + 2 * j + 1, eviction_policy="evict_last")
-        else:  # past the end: read the last block again, against x = 0
-            bc = tl.minimum(b, n_blocks - 1)
-            jc = bc[:, None] * HB + byte[None, :]
-            q = tl.load(w_rows + jc[None, :, :], eviction_policy="evict_first")
-            s = tl.load(a_rows + bc[None, :], eviction_policy="evict_first")
-            ok = (b < n_blocks)[:, None]
-            x_even = tl.load(x_ptr + 2 * j, mask=ok, other=0.0, eviction_policy="evict_last")
-            x_odd = tl.load(x_ptr + 2 * j + 1, mask=ok, other=0.0, eviction_policy="evict_last")
-        q = q.to(tl.int32)
-        w_even = tl.load(code_ptr + (q >> 4))
-        w_odd = tl.load(code_ptr + (q & 0xF))
-        dot = w_even * x_even.to(tl.float32)[None, :, :] + w_odd * x_odd.to(tl.float32)[None, :, :]
-        acc += dot * s.to(tl.float32)[:, :, None]
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+            xk = tl.load(x_ptr + cols, eviction_policy="evict_last")
+        else:
+            xk = tl.load(x_ptr + cols, mask=cols < K, other=0.0, eviction_policy="evict_last")
+        idx = (q[:, :, None] >> shift[None, None, :]) & 0xF  # [BLOCK_N, NW, 8]
+        v = tl.gather(table, idx.reshape(BLOCK_N * NW * 8), 0).reshape(BLOCK_N, NW, 8)
+        acc += tl.sum(v * xk.to(tl.float32), axis=2) * s.to(tl.float32)
+    y = tl.sum(acc, axis=1)
     tl.store(y_ptr + out_rows, y.to(y_ptr.dtype.element_ty), mask=out_rows < N)
 
 
 _tuned = autotuned(_gemv_nf4_kernel)
 
-MIN_BLOCK_K = 256  # the narrowest tile step: a quantization block must fit in it
-
 
 def kernel_accepts(in_features: int, blocksize: int) -> bool:
-    """Rows must hold whole quantization blocks, and a block must fit in a tile step."""
-    return in_features % blocksize == 0 and MIN_BLOCK_K % blocksize == 0
+    """Rows must hold whole quantization blocks made of whole 32-bit words."""
+    return in_features % blocksize == 0 and blocksize % 8 == 0
 
 
 def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
              *, tile: Tile | None = None) -> torch.Tensor:
-    """x [K] @ dequant(packed [N, K/2], absmax [N, K/blocksize], code [16]).T -> [N] in x's dtype.
+    """x [K] @ dequant(packed [N, K/2] uint8, absmax [N, K/blocksize], code [16]).T -> [N] in x's dtype.
 
     `tile` fixes the tile instead of autotuning (tests, the CPU interpreter).
     """
@@ -88,10 +101,11 @@ def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: 
     assert packed.dtype == torch.uint8 and packed.is_contiguous() and absmax.is_contiguous()
     assert x.shape == (k,) and absmax.shape == (n, k // blocksize) and kernel_accepts(k, blocksize)
     assert absmax.dtype in (torch.float16, torch.float32) and code.dtype == torch.float32 and code.numel() == 16
+    words = packed.view(torch.int32)  # [N, K/8]
     y = torch.empty(n, dtype=x.dtype, device=x.device)
+    args = (x, words, absmax, code, y, n, k, words.stride(0))
     if tile is None:
-        _tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, packed, absmax, code, y, n, k, QBLOCK=blocksize)
+        _tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, QBLOCK=blocksize)
     else:
-        _gemv_nf4_kernel[(triton.cdiv(n, tile.block_n),)](x, packed, absmax, code, y, n, k, QBLOCK=blocksize,
-                                                          **tile.launch_args())
+        _gemv_nf4_kernel[(triton.cdiv(n, tile.block_n),)](*args, QBLOCK=blocksize, **tile.launch_args())
     return y

@@ -1,9 +1,11 @@
 """Tile configurations shared by the GEMV kernels, and the autotuner built from them.
 
-A batch-1 GEMV is bound by memory latency, not arithmetic: what matters is enough programs to cover every SM
-(132 on an H100) and enough bytes in flight per SM. Narrow row blocks give many programs even where the output
-has only 2 560 rows and K is long (w2: 2560 x 9728), so no split-K reduction (and no second kernel) is needed.
-Which tile wins depends on the shape and the card, hence autotuning keyed on (N, K).
+A batch-1 GEMV is bound by memory latency more than by arithmetic: it needs every SM busy (132 on an H100) and
+enough bytes in flight per SM. In both kernels a thread owns 8 consecutive columns of all BLOCK_N rows of its
+program (BLOCK_K / 8 threads per program step, 2 steps in flight), so the bytes in flight over the whole GPU are
+about 2 * N * BLOCK_K: a wide BLOCK_K keeps the N = 2 560 shapes (wo, w2 with K = 9 728) busy without a split-K
+reduction or a second kernel, a narrow one wastes less of the last step when BLOCK_K does not divide K
+(K = 2 560). Which tile wins depends on the shape and the card, hence autotuning keyed on (N, K).
 """
 
 from __future__ import annotations
@@ -21,27 +23,26 @@ class Tile:
 
     block_n: int
     block_k: int
-    num_warps: int = 4
-    num_stages: int = 1
+    num_warps: int
 
     def launch_args(self) -> dict[str, int]:
-        return {"BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "num_warps": self.num_warps,
-                "num_stages": self.num_stages}
+        return {"BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "num_warps": self.num_warps}
 
 
-# Candidate tiles, from one row per program with long K steps to 16 rows with short ones.
+# block_k = 256 * num_warps gives each thread one group of 8 columns per row; the last one holds two groups.
 TILES: tuple[Tile, ...] = (
-    Tile(1, 2048),
-    Tile(2, 1024),
-    Tile(2, 2048, num_warps=8),
-    Tile(4, 512),
-    Tile(4, 1024),
-    Tile(4, 1024, num_stages=3),
-    Tile(4, 2048, num_warps=8),
-    Tile(8, 512),
-    Tile(8, 1024, num_warps=8),
-    Tile(16, 256),
-    Tile(16, 512, num_warps=8),
+    Tile(2, 256, 1),
+    Tile(4, 256, 1),
+    Tile(8, 256, 1),
+    Tile(2, 512, 2),
+    Tile(4, 512, 2),
+    Tile(8, 512, 2),
+    Tile(2, 1024, 4),
+    Tile(4, 1024, 4),
+    Tile(8, 1024, 4),
+    Tile(4, 2048, 8),
+    Tile(8, 2048, 8),
+    Tile(4, 2048, 4),
 )
 
 
@@ -52,10 +53,7 @@ def _quick_bench(fn: Callable[[], Any], quantiles: Any) -> Any:
 
 def autotuned(kernel: Any, tiles: tuple[Tile, ...] = TILES) -> Any:
     """Wrap a kernel taking BLOCK_N / BLOCK_K meta-parameters and N, K arguments in an autotuner keyed on N, K."""
-    configs = [
-        triton.Config({"BLOCK_N": t.block_n, "BLOCK_K": t.block_k}, num_warps=t.num_warps, num_stages=t.num_stages)
-        for t in tiles
-    ]
+    configs = [triton.Config({"BLOCK_N": t.block_n, "BLOCK_K": t.block_k}, num_warps=t.num_warps) for t in tiles]
     return triton.autotune(configs=configs, key=["N", "K"], do_bench=_quick_bench)(kernel)
 
 
