@@ -63,10 +63,15 @@ VARIANTS = [("nf4", None), ("fp8", False), ("fp8", True), ("int8", None)]
 VARIANT_IDS = ["nf4", "fp8-native", "fp8-bits", "int8"]
 
 
+def _native_fp8() -> bool:
+    """The interpreter converts FP8 on any CPU; Triton compiles the conversion for sm_89+ only."""
+    return not CUDA or torch.cuda.get_device_capability() >= (8, 9)
+
+
 @pytest.mark.parametrize("fmt, fp8_bits", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("n, k, tile", SHAPES, ids=SHAPE_IDS)
 def test_kernel_matches_dequantized_weight(fmt, fp8_bits, n, k, tile):
-    if fmt == "fp8" and fp8_bits is False and CUDA and torch.cuda.get_device_capability() < (8, 9):
+    if fmt == "fp8" and fp8_bits is False and not _native_fp8():
         pytest.skip("no native FP8 conversion before sm_89")
     layer = _layer(fmt, n, k)
     w = layer.dequantize(torch.float32)
@@ -83,6 +88,8 @@ def test_kernel_matches_dequantized_weight(fmt, fp8_bits, n, k, tile):
 @pytest.mark.parametrize("fmt, fp8_bits", VARIANTS, ids=VARIANT_IDS)
 def test_corrupted_scale_fails(fmt, fp8_bits):
     """Negative control: the kernel reading scales shifted by one row/block no longer passes."""
+    if fmt == "fp8" and fp8_bits is False and not _native_fp8():
+        pytest.skip("no native FP8 conversion before sm_89")
     n, k, tile = SHAPES[1]
     layer = _layer(fmt, n, k)
     w = layer.dequantize(torch.float32)
@@ -100,7 +107,7 @@ def test_fp8_bit_decode_is_exact_for_every_code():
     scale = torch.ones(weight.shape[0], 1, device=DEVICE)
     x = torch.zeros(16, device=DEVICE)
     x[3] = 1.0
-    for bits in (False, True):
+    for bits in (False, True) if _native_fp8() else (True,):
         y = gemv8(x, weight, scale, fp8_bits=bits, tile=Tile(16, 16, 1))
         assert torch.equal(y.cpu(), codes[finite].float()), f"fp8_bits={bits}"
 
