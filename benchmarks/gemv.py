@@ -38,7 +38,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `python benchmarks/gemv.py`
 
-from quant.base import error_stats  # noqa: E402
+from quant.base import error_stats, reference_output  # noqa: E402
 from runtime.files import atomic_path  # noqa: E402
 
 # (out, in, what the shape is in S2 Pro)
@@ -200,7 +200,7 @@ class OursLayer(Variant):
         return self.layers[i](self.x)
 
     def reference(self, i):
-        return self.x.float() @ self.layers[i].dequantize().T
+        return reference_output(self.x, self.layers[i])
 
 
 class OursNF4(OursLayer):

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from quant.kernels import fp8_native
-from quant.kernels.tiles import Tile, autotuned
+from quant.kernels.tiles import Tile, autotuned, clamp_tail
 
 
 @triton.jit
@@ -27,15 +27,6 @@ def _decode_e4m3_bits(q):
     b = q.to(tl.uint16)
     h = ((b & 0x7F) << 7) | ((b & 0x80) << 8)
     return h.to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _clamp(i, n, EVEN_K: tl.constexpr):
-    # Groups past the end (last, partial step only) read the last group again; x is 0 there.
-    if EVEN_K:
-        return i
-    else:
-        return tl.minimum(i, n - 1)
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
@@ -62,13 +53,13 @@ def _gemv8_kernel(
     acc = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
     # Software pipelining by hand: the next step's weights are requested before this step's arithmetic, so two
     # steps per thread are in flight (Triton pipelines only loads that feed tl.dot).
-    gl = _clamp(group, n_groups, EVEN_K)
+    gl = clamp_tail(group, n_groups, EVEN_K)
     q_next = tl.load(w_rows + (gl[:, None] * 8 + t[None, :])[None, :, :], eviction_policy="evict_first")
     for g0 in range(0, n_groups, NG):
         gi = g0 + group  # [NG]
         q = q_next  # [BLOCK_N, NG, 8]
         more = g0 + NG + tl.zeros([1, 1, 1], dtype=tl.int32) < n_groups  # [1, 1, 1]: is there a next step
-        gl = _clamp(gi + NG, n_groups, EVEN_K)
+        gl = clamp_tail(gi + NG, n_groups, EVEN_K)
         q_next = tl.load(w_rows + (gl[:, None] * 8 + t[None, :])[None, :, :], mask=more,
                          eviction_policy="evict_first")
         cols = (gi[:, None] * 8 + t[None, :])[None, :, :]  # [1, NG, 8]

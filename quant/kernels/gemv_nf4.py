@@ -18,16 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quant.kernels.tiles import Tile, autotuned
-
-
-@triton.jit
-def _clamp(i, n, EVEN_K: tl.constexpr):
-    # Words past the end (last, partial step only) read the last word again; x is 0 there.
-    if EVEN_K:
-        return i
-    else:
-        return tl.minimum(i, n - 1)
+from quant.kernels.tiles import Tile, autotuned, clamp_tail
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
@@ -60,14 +51,14 @@ def _gemv_nf4_kernel(
     acc = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
     # Software pipelining by hand: the next step's words and scales are requested before this step's arithmetic,
     # so two tiles per thread are in flight (Triton pipelines only loads that feed tl.dot).
-    wl = _clamp(word, n_words, EVEN_K)
+    wl = clamp_tail(word, n_words, EVEN_K)
     q_next = tl.load(w_rows + wl[None, :], eviction_policy="evict_first")  # [BLOCK_N, NW] int32
     s_next = tl.load(a_rows + (wl // WPB)[None, :])  # [BLOCK_N, NW]: the scale of each word's block
     for w0 in range(0, n_words, NW):
         wi = w0 + word  # [NW]
         q, s = q_next, s_next
         more = w0 + NW + tl.zeros([1, 1], dtype=tl.int32) < n_words  # [1, 1]: is there a next step
-        wl = _clamp(wi + NW, n_words, EVEN_K)
+        wl = clamp_tail(wi + NW, n_words, EVEN_K)
         q_next = tl.load(w_rows + wl[None, :], mask=more, eviction_policy="evict_first")
         s_next = tl.load(a_rows + (wl // WPB)[None, :], mask=more)
         cols = (wi[:, None] * 8 + t[None, :])[None, :, :]  # [1, NW, 8]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import triton
+import triton.language as tl
 import triton.testing
 
 
@@ -44,6 +45,15 @@ TILES: tuple[Tile, ...] = (
     Tile(8, 2048, 8),
     Tile(4, 2048, 4),
 )
+
+
+@triton.jit
+def clamp_tail(i, n, EVEN_K: tl.constexpr):
+    """Index i, or n - 1 past the end: the last, partial step re-reads the last item (x is 0 there)."""
+    if EVEN_K:
+        return i
+    else:
+        return tl.minimum(i, n - 1)
 
 
 def _quick_bench(fn: Callable[[], Any], quantiles: Any) -> Any:
