@@ -15,10 +15,15 @@ import torch
 from runtime import __version__
 from runtime.checkpoint import expected_shapes, open_checkpoint, validate
 from runtime.config import bundled_config
+from runtime.codec import CodecConfig, decode_to_file
+from runtime.codec_cli import decode, encode, open_codec, save_codes
+from runtime.devices import detect_device, parse_size
 from runtime.engine import GenerationConfig, generate
 from runtime.errors import InputError, ResourceError, S2EdgeError
-from runtime.files import atomic_path
-from runtime.loader import PRECISIONS, load_model, resolve_device
+from runtime.loader import PRECISIONS, WeightFormats, load_model, resolve_device
+from runtime.plan_cli import plan
+from runtime.planner import LINEAR_FORMATS, PlanRequest, choose_plan, fallbacks
+from runtime.planner import PRECISIONS as PLAN_PRECISIONS
 from runtime.prompt import Reference, build_prompt, check_codes
 from runtime.sampling import SamplingParams
 from runtime.synthetic import write_checkpoint
@@ -35,7 +40,8 @@ class _Main(click.Group):
         except torch.OutOfMemoryError:
             if ctx.params.get("debug"):
                 raise
-            click.echo("error: out of memory: use a smaller --max-new-tokens or another device", err=True)
+            click.echo("error: out of memory: use a smaller precision, context or chunk size, or another device",
+                       err=True)
             sys.exit(ResourceError.exit_code)
         except S2EdgeError as exc:
             if ctx.params.get("debug"):
@@ -87,12 +93,6 @@ def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], num_codebo
     return references
 
 
-def _save_codes(path: Path, codes: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, codes)
-
-
 @main.command()
 @click.option("--checkpoint", "-c", type=click.Path(path_type=Path), default=Path("checkpoints/s2-pro"),
               show_default=True, help="Folder with config.json, tokenizer.json and the safetensors shards.")
@@ -110,9 +110,23 @@ def _save_codes(path: Path, codes: np.ndarray) -> None:
 @click.option("--seed", type=int, default=None, help="Seed for reproducible output (random if not given).")
 @click.option("--max-new-tokens", type=int, default=1024, show_default=True,
               help="Most frames to generate (21.5 frames per second of audio).")
+@click.option("--output", "-o", type=click.Path(path_type=Path),
+              help="Also decode the codes to audio here (.wav or .flac, 44.1 kHz) with --codec.")
+@click.option("--codec", "codec_path", type=click.Path(path_type=Path),
+              help="codec.pth for --output [default: codec.pth in the checkpoint folder].")
+@click.option("--codec-config", default="s2pro", show_default=True,
+              help="Codec architecture: 's2pro', 'tiny' (tests) or a path to a codec config .json.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(sorted(PRECISIONS)), default="bf16", show_default=True,
-              help="Weight and activation precision.")
+@click.option("--precision", type=click.Choice(PLAN_PRECISIONS), default="auto", show_default=True,
+              help="Linear-layer precision; auto picks the best that fits the GPU (see `s2edge plan`).")
+@click.option("--fast-ar-precision", type=click.Choice(LINEAR_FORMATS), default=None,
+              help="Override the fast AR's precision (e.g. keep it bf16 under nf4).")
+@click.option("--max-context", type=int, default=4096, show_default=True,
+              help="KV-cache tokens the plan reserves (prompt + generated frames).")
+@click.option("--vram-budget", default=None, help="Use at most this much GPU memory, e.g. 8GB.")
+@click.option("--force", is_flag=True, help="Take a forced --precision even if it is predicted not to fit.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path.home() / ".cache" / "s2edge",
+              show_default=True, help="Where quantized weights are saved once and reloaded on later runs.")
 def synthesize(
     checkpoint: Path,
     text: str | None,
@@ -125,10 +139,18 @@ def synthesize(
     top_k: int,
     seed: int | None,
     max_new_tokens: int,
+    output: Path | None,
+    codec_path: Path | None,
+    codec_config: str,
     device: str,
     precision: str,
+    fast_ar_precision: str | None,
+    max_context: int,
+    vram_budget: str | None,
+    force: bool,
+    cache_dir: Path,
 ) -> None:
-    """Speak TEXT in the voice of the reference(s) and write the codec codes."""
+    """Speak the text in the voice of the reference(s); write the codes and, with -o, the audio."""
     text = _read_text(text, text_file)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
     config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
@@ -137,17 +159,43 @@ def synthesize(
     references = _read_references(
         reference_codes, reference_text, header.config.num_codebooks, header.config.codebook_size
     )
-    with click.progressbar(length=header.total_bytes(), label="loading", file=sys.stderr) as bar:
-        loaded = load_model(checkpoint, target, PRECISIONS[precision], on_tensor=lambda _k, n: bar.update(n))
+    request = PlanRequest(precision, fast_ar_precision, max_context,
+                          None if vram_budget is None else parse_size(vram_budget), force)
+    choice = choose_plan(header.config, detect_device(target), request)
+    if choice.warning:
+        click.echo(f"warning: {choice.warning}", err=True)
+    loaded = None
+    for chosen in (choice.plan, *fallbacks(choice)):
+        formats = WeightFormats(chosen.slow_format, chosen.fast_format)
+        store = cache_dir / f"{checkpoint.resolve().name}-{chosen.slow_format}-{chosen.fast_format}.safetensors"
+        click.echo(f"plan {chosen.name}: predicted {chosen.total / 2**30:.2f} GiB on {target}", err=True)
+        try:
+            with click.progressbar(length=header.total_bytes(), label="loading", file=sys.stderr) as bar:
+                loaded = load_model(checkpoint, target, PRECISIONS.get(chosen.slow_format, torch.bfloat16),
+                                    on_tensor=lambda _k, n: bar.update(n), formats=formats, store=store,
+                                    embeddings_on_host=chosen.embeddings_on_host)
+            break
+        except ResourceError as exc:
+            if target.type != "cuda":
+                raise
+            click.echo(f"warning: {exc}; trying the next plan", err=True)
+            torch.cuda.empty_cache()
+    if loaded is None:
+        raise ResourceError(f"no plan fits {target}: try --max-context smaller or another device")
     model = loaded.model
     prompt = build_prompt(loaded.tokenizer, text, references, model.config.num_codebooks)
     start = time.perf_counter()
     with click.progressbar(length=max_new_tokens, label="generating", file=sys.stderr) as bar:
         result = generate(model, prompt, config, on_frame=lambda _i: bar.update(1))
     elapsed = time.perf_counter() - start
-    _save_codes(codes_out, result.codes.numpy())
+    save_codes(codes_out, result.codes.numpy())
     n = result.codes.shape[1]
     ending = "stopped at <|im_end|>" if result.stopped else "frame budget reached"
+    if output is not None:
+        codec = open_codec(codec_path or checkpoint / "codec.pth", CodecConfig.load(codec_config), device, "auto",
+                           with_encoder=False)
+        decode_to_file(result.codes, codec, output)
+        click.echo(f"wrote {output}")
     click.echo(
         f"wrote {codes_out}: codes [{result.codes.shape[0]}, {n}] = {n / FRAME_RATE:.2f} s of audio; "
         f"{ending}; prompt {result.prompt_tokens} tokens; {n / max(elapsed, 1e-9):.1f} frames/s on {target}"
@@ -193,6 +241,10 @@ def synthetic(out: Path, config_name: str, seed: int, shards: int, device: str) 
         write_checkpoint(out, config, seed=seed, shards=shards, device=device, on_tensor=lambda _k: bar.update(1))
     click.echo(f"wrote {out}: {config.parameter_count():,} parameters in {shards} shard(s)")
 
+
+main.add_command(encode)
+main.add_command(decode)
+main.add_command(plan)
 
 if __name__ == "__main__":
     main()

@@ -1,18 +1,26 @@
 """Building the Dual-AR from a checkpoint folder, one tensor at a time.
 
 The model is constructed on the meta device (no memory), then every parameter is read from disk, converted and
-moved to its device, and assigned in place: peak memory is the final model plus one tensor in flight.
+moved to its device, and assigned in place. A linear layer whose plan names a quantized format is quantized on
+the device right after its bf16 weight arrives, and the bf16 copy is dropped: peak memory is the final model plus
+one bf16 layer in flight plus the quantizer's scratch. Linears stored as float8 with a `.scale` (the community
+`s2-pro-fp8` layout) load as FP8 layers as they are. Quantized layers can be saved to a pre-quantized store and
+reloaded from it on later starts without touching the bf16 weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from quant.base import FORMATS, QuantizedLinear, load_linear, quantize_linear
+from quant.store import StaleStoreError, load_store, save_store
 from runtime.checkpoint import Checkpoint, open_checkpoint, validate
 from runtime.config import ModelConfig
 from runtime.errors import CheckpointError, InputError, ResourceError
@@ -20,6 +28,38 @@ from runtime.model import DualAR
 from runtime.tokenizer import Tokenizer
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SCALE_SUFFIX = ".scale"  # s2-pro-fp8: `<linear>.weight.scale` float32 [out, 1]
+
+
+@dataclass(frozen=True)
+class WeightFormats:
+    """Format of the slow-AR and fast-AR linear layers: "bf16"/"fp32" keep them float, or "fp8", "int8", "nf4"."""
+
+    slow: str = "bf16"
+    fast: str = "bf16"
+
+    @property
+    def quantized(self) -> bool:
+        return self.slow in FORMATS or self.fast in FORMATS
+
+
+def linear_format(key: str, formats: WeightFormats) -> str | None:
+    """The quantized format for a runtime key if it is the weight of a linear the plan quantizes, else None."""
+    if not key.endswith(".weight") or "norm" in key or "embeddings" in key:
+        return None
+    fmt = formats.fast if key.startswith("fast_") else formats.slow
+    return fmt if fmt in FORMATS else None
+
+
+def source_hashes(checkpoint: Checkpoint) -> dict[str, str]:
+    """A cheap fingerprint per shard (size, mtime and header digest): rebuild the store when a shard changes."""
+    hashes = {}
+    for shard in checkpoint.shards:
+        stat = shard.stat()
+        with open(shard, "rb") as f:
+            head = f.read(1 << 20)
+        hashes[shard.name] = f"{stat.st_size}:{stat.st_mtime_ns}:{hashlib.sha256(head).hexdigest()[:16]}"
+    return hashes
 
 
 @dataclass
@@ -68,29 +108,74 @@ def assign_parameter(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
 
 
+def replace_linear(model: nn.Module, weight_key: str, layer: QuantizedLinear) -> None:
+    parent, _, attr = weight_key.removesuffix(".weight").rpartition(".")
+    setattr(model.get_submodule(parent), attr, layer)
+
+
+def quantized_modules(model: nn.Module) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
+    return {name: (m.format, m.stored_tensors()) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
 def load_model(
     folder: str | os.PathLike,
     device: torch.device,
     dtype: torch.dtype = torch.bfloat16,
     on_tensor: Callable[[str, int], None] | None = None,
+    formats: WeightFormats = WeightFormats(),
+    store: Path | None = None,
+    embeddings_on_host: bool = False,
 ) -> LoadedModel:
-    """Open, validate and load a checkpoint. `on_tensor(key, nbytes)` reports progress per tensor read."""
+    """Open, validate and load a checkpoint. `on_tensor(key, nbytes)` reports progress per tensor read.
+
+    With quantized `formats` and a `store` path: reuse the store if it was made from these files, else quantize
+    while loading and write the store for next time. `embeddings_on_host` keeps the text embedding table in host
+    RAM (read at prefill only; the head's legal rows are copied to `device`).
+    """
     checkpoint = open_checkpoint(folder)
-    validate(checkpoint)
+    validate(checkpoint, allow_extra_suffixes=(SCALE_SUFFIX,))
     tokenizer = Tokenizer(checkpoint.tokenizer_path)
     config = reconcile_tokenizer(checkpoint.config, tokenizer)
+    if formats.quantized and device.type != "cuda" and "nf4" in (formats.slow, formats.fast):
+        raise ResourceError("nf4 needs a CUDA GPU (bitsandbytes); use bf16 or fp32 on the CPU")
     with torch.device("meta"):
         model = DualAR(config)
     model.legal_ids = model.legal_ids.to(device)
+    hashes = source_hashes(checkpoint) if store is not None and formats.quantized else {}
+    stored: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
+    if hashes:
+        try:
+            stored, _ = load_store(store, hashes, device)
+        except StaleStoreError:
+            stored = {}
     try:
-        for key, tensor in checkpoint.iter_tensors():
-            assign_parameter(model, key, tensor.to(device=device, dtype=dtype))
+        for key in checkpoint.tensors:
+            if key.endswith(SCALE_SUFFIX):
+                continue
+            entry = checkpoint.tensors[key]
+            module_name = key.removesuffix(".weight")
+            if module_name in stored:
+                replace_linear(model, key, load_linear(*stored[module_name]))
+            elif entry.dtype == torch.float8_e4m3fn:  # community s2-pro-fp8 layout: load as it is
+                scale = checkpoint.read(key + SCALE_SUFFIX).to(device)
+                replace_linear(model, key, load_linear("fp8", {"weight": checkpoint.read(key).to(device),
+                                                               "weight.scale": scale}))
+            elif (fmt := linear_format(key, formats)) is not None:
+                weight = checkpoint.read(key).to(device=device, dtype=torch.bfloat16)
+                replace_linear(model, key, quantize_linear(weight, fmt))
+                del weight
+            else:
+                home = torch.device("cpu") if embeddings_on_host and key == "embeddings.weight" else device
+                assign_parameter(model, key, checkpoint.read(key).to(device=home, dtype=dtype))
             if on_tensor is not None:
-                on_tensor(key, checkpoint.tensors[key].nbytes)
+                on_tensor(key, entry.nbytes)
         model.build_head()
     except torch.OutOfMemoryError:
         raise ResourceError(
-            f"out of GPU memory loading the model in {dtype} on {device}: try a smaller precision"
+            f"out of GPU memory loading the model ({formats.slow}, fast AR {formats.fast}) on {device}: "
+            "try a smaller --precision or --max-context"
         ) from None
+    if hashes and not stored:
+        save_store(store, quantized_modules(model), hashes, {"slow": formats.slow, "fast": formats.fast})
     model.eval()
     return LoadedModel(model, tokenizer, checkpoint)

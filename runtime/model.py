@@ -163,7 +163,8 @@ class DualAR(nn.Module):
     # ----- setup --------------------------------------------------------------------------------------------
     def build_head(self) -> None:
         """Gather the 4 097 legal rows of the tied head: same logits as the constrained full head, 38x less work."""
-        weight = self.embeddings.weight.detach()[self.legal_ids.to(self.embeddings.weight.device)]
+        table = self.embeddings.weight.detach()
+        weight = table[self.legal_ids.to(table.device)].to(self.legal_ids.device)
         self.head = nn.Linear(self.config.dim, weight.shape[0], bias=False, device="meta")
         self.head.weight = nn.Parameter(weight.clone(), requires_grad=False)
 
@@ -187,7 +188,8 @@ class DualAR(nn.Module):
         """tokens [B, 1 + num_codebooks, T] -> x [B, T, D]. Audio positions: (token + sum of codebook rows)/sqrt(11)."""
         c = self.config
         ids = tokens[:, 0]  # [B, T]
-        x = self.embeddings(ids)
+        table = self.embeddings.weight
+        x = F.embedding(ids.to(table.device), table).to(tokens.device)  # the table may live in host RAM
         offsets = torch.arange(c.num_codebooks, device=tokens.device) * c.codebook_size
         vq = self.codebook_embeddings(tokens[:, 1:] + offsets[None, :, None]).sum(dim=1)  # [B, T, D]
         is_audio = ((ids >= c.semantic_begin_id) & (ids <= c.semantic_end_id))[..., None]

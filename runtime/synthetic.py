@@ -96,3 +96,41 @@ def write_checkpoint(
         tmp.write_text(json.dumps(config.to_json(), indent=2))
     write_tokenizer(folder / "tokenizer.json", config)
     return folder
+
+
+def write_fp8_checkpoint(folder: str | Path, config: ModelConfig, seed: int = 0) -> Path:
+    """The community `s2-pro-fp8` layout: one model.safetensors with runtime key names, every linear weight as
+    float8_e4m3fn + `.scale` float32 [out, 1] (row absmax / 448), other tensors bf16, plus a saved `_buf.` buffer
+    that a loader must skip; config.json and tokenizer.json unchanged."""
+    from quant.base import quantize_linear
+    from runtime.loader import WeightFormats, linear_format
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = expected_shapes(config)
+    specs: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+    for i, (key, shape) in enumerate(shapes.items()):
+        if linear_format(key, WeightFormats("fp8", "fp8")):
+            specs += [(key, shape, torch.float8_e4m3fn), (key + ".scale", (shape[0], 1), torch.float32)]
+        else:
+            specs.append((key, shape, torch.bfloat16))
+    specs.append(("_buf.fast_freqs_cis", (config.num_codebooks, config.fast.head_dim // 2, 2), torch.bfloat16))
+    seeds = {key: seed * 100_003 + i for i, key in enumerate(shapes)}
+
+    def make(key: str) -> torch.Tensor:
+        if key.startswith("_buf."):
+            return torch.zeros(config.num_codebooks, config.fast.head_dim // 2, 2, dtype=torch.bfloat16)
+        base = key.removesuffix(".scale")
+        tensor = random_tensor(base, shapes[base], seeds[base]).to(torch.bfloat16)
+        if linear_format(base, WeightFormats("fp8", "fp8")):
+            stored = quantize_linear(tensor, "fp8").stored_tensors()
+            return stored["weight.scale"] if key.endswith(".scale") else stored["weight"]
+        return tensor
+
+    write_safetensors(folder / SINGLE_NAME, specs, make, metadata={"format": "pt"})
+    info = {"quantization_method": "torchao_Float8WeightOnly", "scale_granularity": "per_row"}
+    (folder / "quantization_info.json").write_text(json.dumps(info, indent=2))
+    with atomic_path(folder / "config.json") as tmp:
+        tmp.write_text(json.dumps(config.to_json(), indent=2))
+    write_tokenizer(folder / "tokenizer.json", config)
+    return folder

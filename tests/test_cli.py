@@ -43,6 +43,21 @@ def test_synthesize_with_two_references(tiny_checkpoint, tmp_path):
     assert np.load(tmp_path / "o.npy").shape[0] == 10
 
 
+def test_synthesize_writes_audio_with_the_codec(tiny_checkpoint, tmp_path):
+    import soundfile
+
+    from runtime.codec import CodecConfig
+    from runtime.synthetic_codec import write_synthetic_codec
+
+    write_synthetic_codec(tmp_path / "codec.pth", CodecConfig.load("tiny"))
+    result = synth(tiny_checkpoint, tmp_path / "c.npy", "-o", tmp_path / "out.wav", "--codec", tmp_path / "codec.pth",
+                   "--codec-config", "tiny")
+    assert result.exit_code == 0, result.output
+    audio, rate = soundfile.read(tmp_path / "out.wav")
+    frames = np.load(tmp_path / "c.npy").shape[1]
+    assert rate == 44100 and audio.shape == (frames * 2048,) and np.abs(audio).max() > 0
+
+
 def test_inspect_reports_counts(tiny_checkpoint, tiny_config):
     result = run("inspect", tiny_checkpoint)
     assert result.exit_code == 0, result.output
