@@ -75,8 +75,8 @@ def generate(
     on_frame: Callable[[int], None] | None = None,
 ) -> Generation:
     """prompt [1 + num_codebooks, L] -> codes [num_codebooks, n]. `on_frame(i)` is called after every frame."""
-    device = model.embeddings.weight.device
-    dtype = model.embeddings.weight.dtype
+    device = model.legal_ids.device  # the compute device (the text embedding table may stay in host RAM)
+    dtype = model.norm.weight.dtype
     prompt_len = prompt.shape[1]
     budget = frame_budget(model, prompt_len, config.max_new_tokens)
     capacity = bucket(prompt_len + budget)
