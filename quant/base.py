@@ -128,13 +128,6 @@ class RowScaledLinear(QuantizedLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return (self.weight.float() * self.scale).to(dtype)
 
-    def gemv_applies(self, x: Tensor) -> bool:
-        if not super().gemv_applies(x):
-            return False
-        from quant.kernels.gemv8 import kernel_accepts
-
-        return kernel_accepts(self.in_features)
-
     def gemv(self, x: Tensor) -> Tensor:
         from quant.kernels.gemv8 import gemv8
 

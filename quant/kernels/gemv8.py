@@ -4,9 +4,8 @@ y[n] = scale[n] * sum_k x[k] * q[n, k], accumulated in fp32. Each weight byte is
 stored layout. FP8 uses the hardware conversion on sm_89+; Triton cannot compile float8_e4m3fn for older cards,
 so there the kernel decodes the bits with integer operations (exact for every finite e4m3 value).
 
-Layout: each thread owns groups of 8 consecutive columns of BLOCK_N rows and the 8 matching x values (one
-16-byte load), so x is loaded once per thread for all rows and no data crosses threads inside the loop.
-K must be a multiple of 8 (every S2 width is).
+Layout: a program holds a [BLOCK_N, BLOCK_K] tile of weights (16-byte loads) and the matching x once for all its
+rows, accumulates products elementwise, and reduces across threads only once, at the end.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import triton
 import triton.language as tl
 
 from quant.kernels import fp8_native
-from quant.kernels.tiles import Tile, autotuned, clamp_tail
+from quant.kernels.tiles import Tile, autotuned, step_columns
 
 
 @triton.jit
@@ -29,49 +28,34 @@ def _decode_e4m3_bits(q):
     return h.to(tl.float16, bitcast=True).to(tl.float32)
 
 
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _gemv8_kernel(
     x_ptr,  # [K] bf16 / fp16 / fp32
-    w_ptr,  # [N, K] int8 or float8_e4m3fn (uint8 when FP8_BITS), row-major, K % 8 == 0
+    w_ptr,  # [N, K] int8 or float8_e4m3fn (uint8 when FP8_BITS), row-major
     scale_ptr,  # [N] fp32
     y_ptr,  # [N], x's dtype
     N,
-    K,
+    K: tl.constexpr,  # compile-time: the K loop below is unrolled whole
     FP8_BITS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
 ):
-    NG: tl.constexpr = BLOCK_K // 8  # groups of 8 columns per step
     out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(out_rows, N - 1)  # clamped: every load is in bounds, the store drops the duplicates
-    n_groups = K // 8
-    group = tl.arange(0, NG)
-    t = tl.arange(0, 8)
-    w_rows = w_ptr + rows[:, None, None] * K  # [BLOCK_N, 1, 1]
-    acc = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
-    # Software pipelining by hand: the next step's weights are requested before this step's arithmetic, so two
-    # steps per thread are in flight (Triton pipelines only loads that feed tl.dot).
-    gl = clamp_tail(group, n_groups, EVEN_K)
-    q_next = tl.load(w_rows + (gl[:, None] * 8 + t[None, :])[None, :, :], eviction_policy="evict_first")
-    for g0 in range(0, n_groups, NG):
-        gi = g0 + group  # [NG]
-        q = q_next  # [BLOCK_N, NG, 8]
-        more = g0 + NG + tl.zeros([1, 1, 1], dtype=tl.int32) < n_groups  # [1, 1, 1]: is there a next step
-        gl = clamp_tail(gi + NG, n_groups, EVEN_K)
-        q_next = tl.load(w_rows + (gl[:, None] * 8 + t[None, :])[None, :, :], mask=more,
-                         eviction_policy="evict_first")
-        cols = (gi[:, None] * 8 + t[None, :])[None, :, :]  # [1, NG, 8]
-        if EVEN_K:
-            xk = tl.load(x_ptr + cols, eviction_policy="evict_last")
+    offsets = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BLOCK_K):
+        cols = step_columns(k0, offsets, K, BLOCK_K)  # [BLOCK_K]
+        q = tl.load(w_ptr + rows[:, None] * K + cols[None, :], eviction_policy="evict_first")  # [BLOCK_N, BLOCK_K]
+        if k0 + BLOCK_K <= K:
+            xk = tl.load(x_ptr + cols)
         else:
-            xk = tl.load(x_ptr + cols, mask=cols < K, other=0.0, eviction_policy="evict_last")
+            xk = tl.load(x_ptr + k0 + offsets, mask=k0 + offsets < K, other=0.0)
         if FP8_BITS:
             w = _decode_e4m3_bits(q)
         else:
             w = q.to(tl.float32)
-        acc += tl.sum(w * xk.to(tl.float32), axis=2)  # the 8 columns of a group live in one thread
+        acc += w * xk.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1) * tl.load(scale_ptr + rows)
     if FP8_BITS:
         y = y * 256.0
@@ -79,11 +63,6 @@ def _gemv8_kernel(
 
 
 _tuned = autotuned(_gemv8_kernel)
-
-
-def kernel_accepts(in_features: int) -> bool:
-    """Rows must be made of whole groups of 8 columns."""
-    return in_features % 8 == 0
 
 
 def gemv8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fp8_bits: bool | None = None,
@@ -101,7 +80,7 @@ def gemv8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fp8_bit
         fp8_bits = False
     elif fp8_bits is None:
         fp8_bits = weight.is_cuda and not fp8_native(weight.device)
-    assert x.shape == (k,) and k % 8 == 0 and scale.numel() == n and weight.is_contiguous() and n * k < 2**31
+    assert x.shape == (k,) and scale.numel() == n and weight.is_contiguous() and n * k < 2**31
     w = weight.view(torch.uint8) if fp8_bits else weight
     y = torch.empty(n, dtype=x.dtype, device=x.device)
     if tile is None:

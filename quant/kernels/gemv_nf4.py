@@ -9,8 +9,8 @@ for sm_90; the NF4 loop runs at about 11 instructions per weight byte).
 
 y[n] = sum_b absmax[n, b] * sum_{k in block b} code[q[n, k]] * x[k], accumulated in fp32.
 
-Layout: each thread owns whole 32-bit words of BLOCK_N rows and the 8 matching x values, so x is loaded once
-per thread for all rows and the 8 products of a word are summed without crossing threads.
+Layout: a program reads [BLOCK_N, BLOCK_K / 8] words per (unrolled) step and the matching x once for all its
+rows; the 8 products of a word are summed in the thread that holds it, and rows are reduced once, at the end.
 """
 
 from __future__ import annotations
@@ -19,54 +19,41 @@ import torch
 import triton
 import triton.language as tl
 
-from quant.kernels.tiles import Tile, autotuned, clamp_tail
+from quant.kernels.tiles import Tile, autotuned, step_columns
 
 
-@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _gemv_nf4_kernel(
     x_ptr,  # [K] bf16 / fp16 / fp32
-    w_ptr,  # [N, K // 8] int32 words, row stride stride_w; byte j of a word: column 2j high nibble, 2j + 1 low
+    w_ptr,  # [N, K // 8] int32 words, row-major; byte j of a word: column 2j high nibble, 2j + 1 low
     absmax_ptr,  # [N, K // QBLOCK] fp16 or fp32
     code_ptr,  # [16] fp32, the NF4 values
     y_ptr,  # [N], x's dtype
     N,
-    K,
-    stride_w,
+    K: tl.constexpr,  # compile-time: the K loop below is unrolled whole
     QBLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
 ):
     NW: tl.constexpr = BLOCK_K // 8  # words per row and step
+    KW: tl.constexpr = K // 8  # words per row
     WPB: tl.constexpr = QBLOCK // 8  # words per quantization block
     out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(out_rows, N - 1)  # clamped: every load is in bounds, the store drops the duplicates
-    n_words = K // 8
-    word = tl.arange(0, NW)
+    offsets = tl.arange(0, NW)
     t = tl.arange(0, 8)
     shift = (t ^ 1) * 4  # [8]: column 8w + t sits at bits shift[t] of word w (little-endian bytes)
-    w_rows = w_ptr + rows[:, None] * stride_w  # [BLOCK_N, 1]
-    a_rows = absmax_ptr + rows[:, None] * (K // QBLOCK)  # [BLOCK_N, 1]
     table = tl.load(code_ptr + tl.arange(0, 16))  # [16]
     acc = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
-    # Software pipelining by hand: the next step's words and scales are requested before this step's arithmetic,
-    # so two tiles per thread are in flight (Triton pipelines only loads that feed tl.dot).
-    wl = clamp_tail(word, n_words, EVEN_K)
-    q_next = tl.load(w_rows + wl[None, :], eviction_policy="evict_first")  # [BLOCK_N, NW] int32
-    s_next = tl.load(a_rows + (wl // WPB)[None, :])  # [BLOCK_N, NW]: the scale of each word's block
-    for w0 in range(0, n_words, NW):
-        wi = w0 + word  # [NW]
-        q, s = q_next, s_next
-        more = w0 + NW + tl.zeros([1, 1], dtype=tl.int32) < n_words  # [1, 1]: is there a next step
-        wl = clamp_tail(wi + NW, n_words, EVEN_K)
-        q_next = tl.load(w_rows + wl[None, :], mask=more, eviction_policy="evict_first")
-        s_next = tl.load(a_rows + (wl // WPB)[None, :], mask=more)
-        cols = (wi[:, None] * 8 + t[None, :])[None, :, :]  # [1, NW, 8]
-        if EVEN_K:
-            xk = tl.load(x_ptr + cols, eviction_policy="evict_last")
+    for w0 in tl.static_range(0, KW, NW):
+        words = step_columns(w0, offsets, KW, NW)  # [NW]
+        q = tl.load(w_ptr + rows[:, None] * KW + words[None, :], eviction_policy="evict_first")  # [BLOCK_N, NW]
+        s = tl.load(absmax_ptr + rows[:, None] * (K // QBLOCK) + (words // WPB)[None, :])  # each word's block scale
+        cols = ((w0 + offsets)[:, None] * 8 + t[None, :])[None, :, :]  # [1, NW, 8]
+        if w0 + NW <= KW:
+            xk = tl.load(x_ptr + cols)
         else:
-            xk = tl.load(x_ptr + cols, mask=cols < K, other=0.0, eviction_policy="evict_last")
+            xk = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
         idx = (q[:, :, None] >> shift[None, None, :]) & 0xF  # [BLOCK_N, NW, 8]
         v = tl.gather(table, idx.reshape(BLOCK_N * NW * 8), 0).reshape(BLOCK_N, NW, 8)
         acc += tl.sum(v * xk.to(tl.float32), axis=2) * s.to(tl.float32)
@@ -95,7 +82,7 @@ def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: 
     assert absmax.dtype in (torch.float16, torch.float32) and code.dtype == torch.float32 and code.numel() == 16
     words = packed.view(torch.int32)  # [N, K/8]
     y = torch.empty(n, dtype=x.dtype, device=x.device)
-    args = (x, words, absmax, code, y, n, k, words.stride(0))
+    args = (x, words, absmax, code, y, n, k)
     if tile is None:
         _tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, QBLOCK=blocksize)
     else:
