@@ -26,18 +26,20 @@ MEASURE = r"""
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from runtime.codec import CodecConfig, load_codec
-from runtime.devices import detect_device, parse_size
+from runtime.devices import detect_device, parse_size, use_expandable_segments
 from runtime.engine import GenerationConfig, generate
 from runtime.loader import WeightFormats, load_model
 from runtime.planner import PlanRequest, choose_plan
 from runtime.prompt import Reference, build_prompt
 from runtime.checkpoint import open_checkpoint
 ckpt, codec_path, precision, fast, budget, frames = sys.argv[2:8]
+use_expandable_segments()  # as the CLI does, before the first CUDA allocation
 dev = torch.device("cuda")
 torch.zeros(1, device=dev)
 free0, total = torch.cuda.mem_get_info()
 context = total - free0
-request = PlanRequest(precision, None if fast == "-" else fast, 4096, None if budget == "-" else parse_size(budget))
+CONTEXT = 4096
+request = PlanRequest(precision, None if fast == "-" else fast, CONTEXT, None if budget == "-" else parse_size(budget))
 choice = choose_plan(open_checkpoint(ckpt).config, detect_device(dev), request)
 plan = choice.plan
 t0 = time.perf_counter()
@@ -55,8 +57,13 @@ def no_stop(h):
     logits[..., 0] = -1e4
     return logits
 model.head_logits = no_stop
-ref = Reference(torch.randint(0, 1024, (10, 400), generator=torch.Generator().manual_seed(0)), "words " * 60)
-prompt = build_prompt(loaded.tokenizer, "Hello there, this is a measurement. " * 20, [ref], 10)
+def reference(frames_of_codes):
+    return Reference(torch.randint(0, 1024, (10, frames_of_codes), generator=torch.Generator().manual_seed(0)),
+                     "words " * 60)
+text = "Hello there, this is a measurement. " * 20
+# The reference fills the planned context: prompt + generated frames = CONTEXT, the size the plan was made for.
+overhead = build_prompt(loaded.tokenizer, text, [reference(1)], 10).shape[1] - 1
+prompt = build_prompt(loaded.tokenizer, text, [reference(CONTEXT - int(frames) - overhead)], 10)
 t0 = time.perf_counter()
 out = generate(model, prompt, GenerationConfig(max_new_tokens=int(frames), seed=0))
 torch.cuda.synchronize()
@@ -120,10 +127,11 @@ def main() -> None:
             continue
         predicted = m["predicted"] - m["predicted_parts"].get("cuda_context", 0)
         within = f"{(m['peak_reserved'] / predicted - 1) * 100:+.1f} %"
+        within_alloc = f"{(m['peak_allocated'] / predicted - 1) * 100:+.1f} %"
         ms = m["gen_s"] / max(m["frames"], 1) * 1e3
         rows.append(
             f"| `{label}` | {m['plan']} | {predicted / gib:.2f} | {m['peak_reserved'] / gib:.2f} ({within}) | "
-            f"{m['peak_allocated'] / gib:.2f} | {m['context'] / gib:.2f} | {m['resident_after_load'] / gib:.2f} | "
+            f"{m['peak_allocated'] / gib:.2f} ({within_alloc}) | {m['context'] / gib:.2f} | {m['resident_after_load'] / gib:.2f} | "
             f"{m['load_s']:.1f} s | {ms:.0f} ms |"
         )
         print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -136,14 +144,17 @@ def main() -> None:
         f"- date: {date}; torch {torch.__version__}; CUDA {torch.version.cuda}",
         f"- command: `python benchmarks/plans.py --frames {args.frames}`",
         "- each row: a fresh process; quantize while loading (no pre-quantized store); decode-only codec in bf16; "
-        f"prompt with a 400-frame reference (about 1 000 tokens), {args.frames} frames generated eagerly and decoded",
-        "- predicted = the planner's total minus its CUDA-context term; compared with torch's peak reserved memory. "
+        f"the planned context of 4 096 tokens filled: a reference as long as fits beside the text and the {args.frames} "
+        "frames, generated eagerly and decoded",
+        "- the CUDA allocator runs with expandable segments, as the CLI sets it\n"
+        "- predicted = the planner's total minus its CUDA-context term; compared with torch's peak reserved memory "
+        "(what the card holds) and peak allocated memory (what tensors use). "
         "'in use before' = total - free on the card right after CUDA initialisation (context and whatever else "
         "holds the GPU). GiB = 2^30 bytes",
         "- eager ms/frame is the first generation of the process (includes kernel autotuning and warm-up): not a "
         "speed measurement",
         "",
-        "| request | plan chosen | predicted GiB | peak reserved GiB (vs predicted) | peak allocated GiB "
+        "| request | plan chosen | predicted GiB | peak reserved GiB (vs predicted) | peak allocated GiB (vs predicted) "
         "| in use before GiB | weights resident GiB | load | eager ms/frame |",
         "|---|---|---|---|---|---|---|---|---|",
         *rows,

@@ -17,7 +17,7 @@ from runtime.checkpoint import expected_shapes, open_checkpoint, validate
 from runtime.config import bundled_config
 from runtime.codec import CodecConfig, decode_to_file
 from runtime.codec_cli import decode, encode, open_codec, save_codes
-from runtime.devices import detect_device, parse_size
+from runtime.devices import detect_device, parse_size, use_expandable_segments
 from runtime.engine import GenerationConfig, generate
 from runtime.errors import InputError, ResourceError, S2EdgeError
 from runtime.loader import PRECISIONS, WeightFormats, load_model, resolve_device
@@ -59,6 +59,7 @@ def main(debug: bool) -> None:
     Typical use: `s2edge synthesize --checkpoint checkpoints/s2-pro --text "..." --reference-codes ref.npy
     --reference-text "transcript of ref" --codes-out out.npy`.
     """
+    use_expandable_segments()
 
 
 def _read_text(text: str | None, text_file: Path | None) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -155,6 +156,17 @@ def simulated_device(
         context_bytes=CUDA_CONTEXT_BYTES,
         simulated=True,
     )
+
+
+def use_expandable_segments() -> None:
+    """Let torch's CUDA allocator grow segments in place instead of caching many fixed-size ones.
+
+    Prefill activations and the per-layer transients of quantize-on-load come in many sizes; in fixed segments
+    their freed blocks fragment the cache, and at full context the card held 0.4-0.6 GiB more than was allocated
+    (H100, benchmarks/results/plans-*.md), which the planner would have to guess. Takes effect only before the
+    first CUDA allocation; a PYTORCH_CUDA_ALLOC_CONF the user set wins.
+    """
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def device_from_spec(spec: GpuSpec, host_bytes: int | None = None) -> DeviceInfo:
