@@ -123,6 +123,25 @@ def test_nf4_fp32_scales():
 
 @pytest.mark.cuda
 @requires_cuda
+@pytest.mark.parametrize("tile", [Tile(1, 256, 1), Tile(2, 128, 1), Tile(4, 256, 1), Tile(2, 512, 2)],
+                         ids=lambda t: f"{t.block_n}x{t.block_k}w{t.num_warps}")
+@pytest.mark.parametrize("n, k", [(37, 320), (130, 1088), (2560, 9728)])
+def test_nf4_shuffle_lookup(tile, n, k):
+    """The shuffle lookup (inline asm, compiled only) in several thread layouts, ragged shapes included: equal to
+    the gather lookup up to summation order, and to the dequantized reference; a shuffled code table fails."""
+    layer = _layer("nf4", n, k)
+    args = (layer.weight.view(n, k // 2), layer.absmax.view(n, k // layer.blocksize), layer.code, layer.blocksize)
+    x = torch.randn(k, device=DEVICE).bfloat16()
+    y = gemv_nf4(x, *args, tile=tile, shuffle=True)
+    gathered = gemv_nf4(x, *args, tile=tile, shuffle=False)
+    assert error_stats(y, gathered).rel_fro < 5e-3
+    assert error_stats(y, x.float() @ layer.dequantize().T).ok()
+    wrong = gemv_nf4(x, args[0], args[1], layer.code.roll(1), layer.blocksize, tile=tile, shuffle=True)
+    assert not error_stats(wrong, x.float() @ layer.dequantize().T).ok()
+
+
+@pytest.mark.cuda
+@requires_cuda
 @pytest.mark.parametrize("fmt", ["nf4", "fp8", "int8"])
 @pytest.mark.parametrize("n, k", [(6144, 2560), (2560, 4096), (9728, 2560), (2560, 9728), (4096, 2560), (4097, 2560)])
 def test_layer_dispatch_autotune_and_graph_replay(fmt, n, k):

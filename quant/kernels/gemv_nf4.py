@@ -3,11 +3,17 @@
 bitsandbytes packs a weight [N, K] row-major, two 4-bit codes per byte, the even column in the high nibble: for
 K even that byte array *is* a [N, K/2] matrix, which the kernel reads as it is stored, 32 bits (8 columns) at a
 time. Its double quantization (8-bit block scales) is undone once at load into one scale per block of QBLOCK
-columns. The 16 NF4 values are looked up with `tl.gather` from a register table, which Triton lowers to warp
-shuffles or shared-memory loads: about 3 instructions per value where a global-memory table costs 5 (SASS counts
-for sm_90; the NF4 loop runs at about 11 instructions per weight byte).
+columns.
 
 y[n] = sum_b absmax[n, b] * sum_{k in block b} code[q[n, k]] * x[k], accumulated in fp32.
+
+The kernel is bound by instruction issue, and the lookup of the 16 NF4 values is most of it. Two ways, and the
+autotuner picks per shape (benchmarks/results/gemv-*.md):
+- gather: `tl.gather` from a [16] register table; Triton lowers it to warp shuffles plus index arithmetic;
+- shuffle (bf16 x only): one `shfl.sync` per value straight from the code's bits. Every lane holds code[lane % 16]
+  (read inside the same asm, so it is right whatever layout the compiler gives the word tensor), and a shuffle
+  reads only the low 5 bits of its lane index, so `word >> 4i` needs no mask. About 30 % fewer instructions per
+  weight; it wins where one warp per row keeps every SM busy (N = 2 560 on an H100).
 
 Layout: a program reads [BLOCK_N, BLOCK_K / 8] words per (unrolled) step and the matching x once for all its
 rows; the 8 products of a word are summed in the thread that holds it, and rows are reduced once, at the end.
@@ -19,7 +25,62 @@ import torch
 import triton
 import triton.language as tl
 
-from quant.kernels.tiles import Tile, autotuned, step_columns
+from quant.kernels.tiles import TILES, Tile, autotuned, step_columns
+
+# One word [BLOCK_N, NW] int32 ($8) and the code table's address ($9) -> the word's 8 NF4 values, nibble order
+# (value i from bits 4i..4i+3). ptxas hoists the lane's table read out of the unrolled loop (one LDG per kernel).
+_SHUFFLE_ASM = tl.constexpr("""
+{
+.reg .u32 lane;
+.reg .u64 addr;
+.reg .b32 table, q1, q2, q3, q4, q5, q6, q7;
+mov.u32 lane, %laneid;
+and.b32 lane, lane, 15;
+mul.wide.u32 addr, lane, 4;
+add.u64 addr, addr, $9;
+ld.global.nc.b32 table, [addr];
+shr.b32 q1, $8, 4;
+shr.b32 q2, $8, 8;
+shr.b32 q3, $8, 12;
+shr.b32 q4, $8, 16;
+shr.b32 q5, $8, 20;
+shr.b32 q6, $8, 24;
+shr.b32 q7, $8, 28;
+shfl.sync.idx.b32 $0, table, $8, 0x1f, 0xffffffff;
+shfl.sync.idx.b32 $1, table, q1, 0x1f, 0xffffffff;
+shfl.sync.idx.b32 $2, table, q2, 0x1f, 0xffffffff;
+shfl.sync.idx.b32 $3, table, q3, 0x1f, 0xffffffff;
+shfl.sync.idx.b32 $4, table, q4, 0x1f, 0xffffffff;
+shfl.sync.idx.b32 $5, table, q5, 0x1f, 0xffffffff;
+shfl.sync.idx.b32 $6, table, q6, 0x1f, 0xffffffff;
+shfl.sync.idx.b32 $7, table, q7, 0x1f, 0xffffffff;
+}
+""")
+
+
+@triton.jit
+def _bf16_pair(pair):
+    """An int32 holding two bf16 values -> (low, high) as fp32 (a bf16 is the high half of an fp32)."""
+    return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _shuffle_word_dot(q, code_ptr, x_ptr, words, w0, NW: tl.constexpr, KW: tl.constexpr):
+    """sum over each word's 8 columns of code[nibble] * x: [BLOCK_N, NW] fp32. x_ptr: bf16 x as int32 pairs."""
+    values = tl.inline_asm_elementwise(_SHUFFLE_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,l", [q, code_ptr + tl.zeros_like(q)],
+                                       dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    pairs = tl.load(x_ptr + words[:, None] * 4 + tl.arange(0, 4)[None, :])  # [NW, 4]: one 16-byte load per word
+    if w0 + NW > KW:
+        pairs = tl.where((w0 + tl.arange(0, NW) < KW)[:, None], pairs, 0)
+    p02, p13 = tl.split(pairs.reshape(NW, 2, 2))
+    p0, p2 = tl.split(p02)
+    p1, p3 = tl.split(p13)
+    part = tl.zeros(q.shape, dtype=tl.float32)
+    for j in tl.static_range(4):
+        p = p0 if j == 0 else p1 if j == 1 else p2 if j == 2 else p3
+        x_even, x_odd = _bf16_pair(p)  # columns 8w + 2j and 8w + 2j + 1: the high and low nibble of byte j
+        part += values[2 * j + 1] * x_even[None, :] + values[2 * j] * x_odd[None, :]
+    return part
 
 
 @triton.jit
@@ -34,10 +95,12 @@ def _gemv_nf4_kernel(
     QBLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SHUFFLE: tl.constexpr,  # look values up with shfl.sync (bf16 x only; otherwise the gather is used)
 ):
     NW: tl.constexpr = BLOCK_K // 8  # words per row and step
     KW: tl.constexpr = K // 8  # words per row
     WPB: tl.constexpr = QBLOCK // 8  # words per quantization block
+    USE_SHUFFLE: tl.constexpr = SHUFFLE and x_ptr.dtype.element_ty == tl.bfloat16
     out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(out_rows, N - 1)  # clamped: every load is in bounds, the store drops the duplicates
     offsets = tl.arange(0, NW)
@@ -49,19 +112,26 @@ def _gemv_nf4_kernel(
         words = step_columns(w0, offsets, KW, NW)  # [NW]
         q = tl.load(w_ptr + rows[:, None] * KW + words[None, :], eviction_policy="evict_first")  # [BLOCK_N, NW]
         s = tl.load(absmax_ptr + rows[:, None] * (K // QBLOCK) + (words // WPB)[None, :])  # each word's block scale
-        cols = ((w0 + offsets)[:, None] * 8 + t[None, :])[None, :, :]  # [1, NW, 8]
-        if w0 + NW <= KW:
-            xk = tl.load(x_ptr + cols)
+        if USE_SHUFFLE:
+            part = _shuffle_word_dot(q, code_ptr, x_ptr.to(tl.pointer_type(tl.int32), bitcast=True), words, w0,
+                                     NW, KW)
         else:
-            xk = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
-        idx = (q[:, :, None] >> shift[None, None, :]) & 0xF  # [BLOCK_N, NW, 8]
-        v = tl.gather(table, idx.reshape(BLOCK_N * NW * 8), 0).reshape(BLOCK_N, NW, 8)
-        acc += tl.sum(v * xk.to(tl.float32), axis=2) * s.to(tl.float32)
+            cols = ((w0 + offsets)[:, None] * 8 + t[None, :])[None, :, :]  # [1, NW, 8]
+            if w0 + NW <= KW:
+                xk = tl.load(x_ptr + cols)
+            else:
+                xk = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+            idx = (q[:, :, None] >> shift[None, None, :]) & 0xF  # [BLOCK_N, NW, 8]
+            v = tl.gather(table, idx.reshape(BLOCK_N * NW * 8), 0).reshape(BLOCK_N, NW, 8)
+            part = tl.sum(v * xk.to(tl.float32), axis=2)
+        acc += part * s.to(tl.float32)
     y = tl.sum(acc, axis=1)
     tl.store(y_ptr + out_rows, y.to(y_ptr.dtype.element_ty), mask=out_rows < N)
 
 
-_tuned = autotuned(_gemv_nf4_kernel)
+# The shared tiles with the gather, and the two measured winners with the shuffle.
+_tuned = autotuned(_gemv_nf4_kernel, [(tile, {"SHUFFLE": False}) for tile in TILES]
+                   + [(Tile(1, 256, 1), {"SHUFFLE": True}), (Tile(2, 128, 1), {"SHUFFLE": True})])
 
 
 def kernel_accepts(in_features: int, blocksize: int) -> bool:
@@ -70,10 +140,11 @@ def kernel_accepts(in_features: int, blocksize: int) -> bool:
 
 
 def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-             *, tile: Tile | None = None) -> torch.Tensor:
+             *, tile: Tile | None = None, shuffle: bool = False) -> torch.Tensor:
     """x [K] @ dequant(packed [N, K/2] uint8, absmax [N, K/blocksize], code [16]).T -> [N] in x's dtype.
 
-    `tile` fixes the tile instead of autotuning (tests, the CPU interpreter).
+    `tile` (and `shuffle`, the lookup) fix the configuration instead of autotuning (tests, the CPU interpreter,
+    which runs no inline asm).
     """
     n, half_k = packed.shape
     k = 2 * half_k
@@ -86,5 +157,6 @@ def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: 
     if tile is None:
         _tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, QBLOCK=blocksize)
     else:
-        _gemv_nf4_kernel[(triton.cdiv(n, tile.block_n),)](*args, QBLOCK=blocksize, **tile.launch_args())
+        _gemv_nf4_kernel[(triton.cdiv(n, tile.block_n),)](*args, QBLOCK=blocksize, SHUFFLE=shuffle,
+                                                          **tile.launch_args())
     return y

@@ -10,7 +10,7 @@ are small, one warp over 1-2 rows, many of them; which one wins depends on N and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import triton
 import triton.language as tl
@@ -59,10 +59,15 @@ def _graph_bench(fn: Callable[[], Any], quantiles: Any) -> Any:
     return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
 
 
-def autotuned(kernel: Any, tiles: tuple[Tile, ...] = TILES) -> Any:
-    """Wrap a kernel taking BLOCK_N / BLOCK_K meta-parameters and N, K arguments in an autotuner keyed on N, K."""
-    configs = [triton.Config({"BLOCK_N": t.block_n, "BLOCK_K": t.block_k}, num_warps=t.num_warps) for t in tiles]
-    return triton.autotune(configs=configs, key=["N", "K"], do_bench=_graph_bench)(kernel)
+def autotuned(kernel: Any, configs: Sequence[Tile | tuple[Tile, dict[str, Any]]] = TILES) -> Any:
+    """Wrap a kernel taking BLOCK_N / BLOCK_K meta-parameters and N, K arguments in an autotuner keyed on N, K.
+
+    A config is a tile, or a tile with more meta-parameters of the kernel (a choice of algorithm, say).
+    """
+    pairs = [c if isinstance(c, tuple) else (c, {}) for c in configs]
+    triton_configs = [triton.Config({"BLOCK_N": t.block_n, "BLOCK_K": t.block_k, **extra}, num_warps=t.num_warps)
+                      for t, extra in pairs]
+    return triton.autotune(configs=triton_configs, key=["N", "K"], do_bench=_graph_bench)(kernel)
 
 
 def chosen_tiles(tuned: Any) -> dict[tuple, str]:
