@@ -18,7 +18,7 @@ from runtime.config import bundled_config
 from runtime.codec import CodecConfig, decode_to_file
 from runtime.codec_cli import decode, encode, open_codec, save_codes
 from runtime.devices import detect_device, parse_size, use_expandable_segments
-from runtime.engine import GenerationConfig, generate
+from runtime.engine import GenerationConfig, frame_budget, generate
 from runtime.errors import InputError, ResourceError, S2EdgeError
 from runtime.loader import PRECISIONS, WeightFormats, load_model, resolve_device
 from runtime.plan_cli import plan
@@ -154,7 +154,7 @@ def synthesize(
     """Speak the text in the voice of the reference(s); write the codes and, with -o, the audio."""
     text = _read_text(text, text_file)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, max_context=max_context)
     target = resolve_device(device)
     header = open_checkpoint(checkpoint)
     references = _read_references(
@@ -185,8 +185,12 @@ def synthesize(
         raise ResourceError(f"no plan fits {target}: try --max-context smaller or another device")
     model = loaded.model
     prompt = build_prompt(loaded.tokenizer, text, references, model.config.num_codebooks)
+    frames = frame_budget(model, prompt.shape[1], config)
+    if frames < max_new_tokens:
+        click.echo(f"note: at most {frames} frames fit in --max-context {max_context} beside the "
+                   f"{prompt.shape[1]}-token prompt", err=True)
     start = time.perf_counter()
-    with click.progressbar(length=max_new_tokens, label="generating", file=sys.stderr) as bar:
+    with click.progressbar(length=frames, label="generating", file=sys.stderr) as bar:
         result = generate(model, prompt, config, on_frame=lambda _i: bar.update(1))
     elapsed = time.perf_counter() - start
     save_codes(codes_out, result.codes.numpy())

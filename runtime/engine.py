@@ -24,6 +24,7 @@ class GenerationConfig:
     max_new_tokens: int = 1024  # frames; 1024 frames = 47.6 s of audio
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None
+    max_context: int | None = None  # prompt + frames at most (the KV cache a memory plan reserved); None: the model's
 
 
 @dataclass
@@ -33,14 +34,17 @@ class Generation:
     prompt_tokens: int
 
 
-def frame_budget(model: DualAR, prompt_len: int, max_new_tokens: int) -> int:
-    """Frames we may generate: the request's budget, clamped to the model's trained context."""
+def frame_budget(model: DualAR, prompt_len: int, config: GenerationConfig) -> int:
+    """Frames we may generate: the request's budget, clamped to the context (the plan's, else the model's)."""
     limit = model.config.max_seq_len
+    if config.max_context is not None:
+        limit = min(limit, config.max_context)
     if prompt_len >= limit:
-        raise InputError(f"the prompt is {prompt_len} tokens, over the model's context of {limit}: shorten the text")
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    return min(max_new_tokens, limit - prompt_len)
+        raise InputError(f"the prompt is {prompt_len} tokens, which leaves no room in a context of {limit}: "
+                         "shorten the text or references, or raise --max-context")
+    if config.max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be at least 1, got {config.max_new_tokens}")
+    return min(config.max_new_tokens, limit - prompt_len)
 
 
 def bucket(n: int) -> int:
@@ -78,8 +82,10 @@ def generate(
     device = model.legal_ids.device  # the compute device (the text embedding table may stay in host RAM)
     dtype = model.norm.weight.dtype
     prompt_len = prompt.shape[1]
-    budget = frame_budget(model, prompt_len, config.max_new_tokens)
+    budget = frame_budget(model, prompt_len, config)
     capacity = bucket(prompt_len + budget)
+    if config.max_context is not None:
+        capacity = min(capacity, config.max_context)  # never more KV cache than the plan reserved
     if model.capacity < capacity:
         model.setup_caches(capacity, dtype, device)
     generator = torch.Generator(device)

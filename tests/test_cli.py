@@ -33,6 +33,18 @@ def test_synthesize_is_deterministic_with_top_k_1(tiny_checkpoint, tmp_path):
     assert "codes [10," in first.stdout
 
 
+def test_synthesize_keeps_within_max_context(tiny_checkpoint, tmp_path):
+    """--max-context is the KV the plan reserved: frames are capped to fit it, and a prompt that fills it is a
+    one-line error."""
+    prompt_tokens = int(synth(tiny_checkpoint, tmp_path / "a.npy").stdout.split("prompt ")[1].split(" tokens")[0])
+    capped = synth(tiny_checkpoint, tmp_path / "b.npy", "--max-context", str(prompt_tokens + 3))
+    assert capped.exit_code == 0, capped.output
+    assert f"at most 3 frames fit in --max-context {prompt_tokens + 3}" in capped.stderr
+    assert np.load(tmp_path / "b.npy").shape[1] <= 3
+    full = synth(tiny_checkpoint, tmp_path / "c.npy", "--max-context", str(prompt_tokens))
+    assert full.exit_code != 0 and "raise --max-context" in full.stderr and "Traceback" not in full.output
+
+
 def test_synthesize_with_two_references(tiny_checkpoint, tmp_path):
     rng = np.random.default_rng(0)
     for k in range(2):

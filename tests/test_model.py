@@ -179,5 +179,21 @@ def test_generation_is_seeded_and_budgeted(tiny_model):
     with pytest.raises(InputError, match="max_new_tokens"):
         generate(model, prompt, GenerationConfig(max_new_tokens=0))
     too_long = torch.zeros(11, model.config.max_seq_len, dtype=torch.int64)
-    with pytest.raises(InputError, match="over the model's context"):
+    with pytest.raises(InputError, match="leaves no room in a context of"):
         generate(model, too_long, cfg)
+
+
+def test_max_context_caps_frames_and_kv_cache(tiny_model):
+    """A memory plan reserves KV for max_context tokens: generation must not allocate or decode past it."""
+    model = tiny_model.model
+    prompt = frames_sequence(model.config, 5, 2)[0]  # [11, L]
+    length = prompt.shape[1]
+    model.setup_caches(1, torch.float32, "cpu")  # start small, so generate() sizes the cache itself
+    cfg = GenerationConfig(max_new_tokens=500, seed=0, max_context=length + 7)
+    result = generate(model, prompt, cfg)
+    assert result.codes.shape[1] <= 7 and model.capacity == length + 7  # not rounded up to a 256 bucket
+    uncapped = generate(model, prompt, GenerationConfig(max_new_tokens=9, seed=0))
+    assert model.capacity > length + 7  # without a plan the bucket rounds up (negative control)
+    assert uncapped.codes.shape[1] <= 9
+    with pytest.raises(InputError, match="raise --max-context"):
+        generate(model, prompt, GenerationConfig(max_context=length))
