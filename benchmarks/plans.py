@@ -70,11 +70,16 @@ torch.cuda.synchronize()
 gen_s = time.perf_counter() - t0
 audio = codec.decode(out.codes.to(dev))
 torch.cuda.synchronize()
+stamps = []  # a second, warm generation: decode time per frame after the first frame (prefill excluded)
+generate(model, prompt, GenerationConfig(max_new_tokens=int(frames), seed=0),
+         on_frame=lambda _i: stamps.append(time.perf_counter()))
+warm_frame_s = (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
 print(json.dumps({
     "plan": plan.name, "predicted": plan.total, "predicted_parts": plan.components, "context": context,
     "load_s": load_s, "load_peak_reserved": load_peak, "resident_after_load": resident,
     "peak_allocated": torch.cuda.max_memory_allocated(), "peak_reserved": torch.cuda.max_memory_reserved(),
     "prompt": prompt.shape[1], "frames": out.codes.shape[1], "gen_s": gen_s, "audio": audio.numel(),
+    "warm_frame_s": warm_frame_s,
     "usable": choice.usable_bytes,
 }))
 """
@@ -122,7 +127,7 @@ def main() -> None:
         label = f"--precision {precision}" + (f" --fast-ar-precision {fast}" if fast != "-" else "") + (
             f" --vram-budget {budget}" if budget != "-" else "")
         if "error" in m:
-            rows.append(f"| `{label}` | error: {m['error']} | | | | | | | |")
+            rows.append(f"| `{label}` | error: {m['error']} | | | | | | | | |")
             print(label, m["error"], flush=True)
             continue
         predicted = m["predicted"] - m["predicted_parts"].get("cuda_context", 0)
@@ -132,7 +137,7 @@ def main() -> None:
         rows.append(
             f"| `{label}` | {m['plan']} | {predicted / gib:.2f} | {m['peak_reserved'] / gib:.2f} ({within}) | "
             f"{m['peak_allocated'] / gib:.2f} ({within_alloc}) | {m['context'] / gib:.2f} | {m['resident_after_load'] / gib:.2f} | "
-            f"{m['load_s']:.1f} s | {ms:.0f} ms |"
+            f"{m['load_s']:.1f} s | {ms:.0f} ms | {m['warm_frame_s'] * 1e3:.0f} ms |"
         )
         print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -151,12 +156,15 @@ def main() -> None:
         "(what the card holds) and peak allocated memory (what tensors use). "
         "'in use before' = total - free on the card right after CUDA initialisation (context and whatever else "
         "holds the GPU). GiB = 2^30 bytes",
-        "- eager ms/frame is the first generation of the process (includes kernel autotuning and warm-up): not a "
+        "- first run ms/frame: the first generation of the process, prefill included (kernel autotuning and warm-up "
+        "too); warm ms/frame: a second generation of the same prompt, per frame after the first (eager: one launch "
+        "per operation, no CUDA graph)\n"
+        "- the first run is not a "
         "speed measurement",
         "",
         "| request | plan chosen | predicted GiB | peak reserved GiB (vs predicted) | peak allocated GiB (vs predicted) "
-        "| in use before GiB | weights resident GiB | load | eager ms/frame |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| in use before GiB | weights resident GiB | load | first run ms/frame | warm ms/frame |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]) + "\n"
     print(text)
