@@ -19,6 +19,7 @@ from runtime.errors import AudioError, InputError
 from runtime.files import atomic_path
 
 SAMPLE_RATE = 44100
+FRAME_RATE = SAMPLE_RATE / 2048  # S2 Pro codec frames per second of audio (21.5)
 MIN_REFERENCE_S = 3.0  # below: refused
 SHORT_REFERENCE_S = 10.0  # below: warned
 LONG_REFERENCE_S = 30.0  # above: warned, and only the first 30 s are used unless asked otherwise

@@ -9,26 +9,27 @@ from collections import Counter
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 
 from runtime import __version__
 from runtime.checkpoint import expected_shapes, open_checkpoint, validate
 from runtime.config import bundled_config
+from runtime.audio import FRAME_RATE
 from runtime.codec import CodecConfig, decode_to_file
-from runtime.codec_cli import decode, encode, open_codec, save_codes
+from runtime.codec_cli import decode, encode, load_codes, open_codec, save_codes
 from runtime.devices import detect_device, parse_size, use_expandable_segments
 from runtime.engine import GenerationConfig, frame_budget, generate
 from runtime.errors import InputError, ResourceError, S2EdgeError
 from runtime.loader import PRECISIONS, WeightFormats, load_model, resolve_device
 from runtime.plan_cli import plan
+from runtime.voice_cli import voice, voices_dir_option
+from runtime.voices import VoiceLibrary
 from runtime.planner import LINEAR_FORMATS, PlanRequest, choose_plan, fallbacks
 from runtime.planner import PRECISIONS as PLAN_PRECISIONS
 from runtime.prompt import Reference, build_prompt, check_codes
 from runtime.sampling import SamplingParams
 from runtime.synthetic import write_checkpoint
 
-FRAME_RATE = 44100 / 2048  # codec frames per second of audio
 
 
 class _Main(click.Group):
@@ -82,12 +83,7 @@ def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], num_codebo
         )
     references = []
     for path, text in zip(paths, texts):
-        try:
-            array = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            raise InputError(f"{path}: reference codes file not found") from None
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: not a readable .npy file ({exc})") from None
+        array = load_codes(path)
         if not text.strip():
             raise InputError(f"{path}: its --reference-text is empty")
         references.append(Reference(check_codes(array, num_codebooks, size, what=str(path)), text))
@@ -103,6 +99,10 @@ def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], num_codebo
               help="Codec codes [10, T] (.npy) of a reference recording. Repeat for several speakers.")
 @click.option("--reference-text", multiple=True,
               help="Transcript of the matching reference, in the same order as --reference-codes.")
+@click.option("--voice", "voices", multiple=True,
+              help="A voice from the library (`s2edge voice add`). Repeat for several speakers; voices come before "
+                   "--reference-codes in speaker order.")
+@voices_dir_option
 @click.option("--codes-out", type=click.Path(path_type=Path), default=Path("output.npy"), show_default=True,
               help="Where to write the generated codes [10, n] (.npy, int64).")
 @click.option("--temperature", type=float, default=0.8, show_default=True, help="Sampling temperature, in (0, 2).")
@@ -134,6 +134,8 @@ def synthesize(
     text_file: Path | None,
     reference_codes: tuple[Path, ...],
     reference_text: tuple[str, ...],
+    voices: tuple[str, ...],
+    voices_dir: Path,
     codes_out: Path,
     temperature: float,
     top_p: float,
@@ -157,7 +159,10 @@ def synthesize(
     config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, max_context=max_context)
     target = resolve_device(device)
     header = open_checkpoint(checkpoint)
-    references = _read_references(
+    library = VoiceLibrary(voices_dir)
+    references = [library.load(name, header.config.num_codebooks, header.config.codebook_size).reference()
+                  for name in voices]
+    references += _read_references(
         reference_codes, reference_text, header.config.num_codebooks, header.config.codebook_size
     )
     request = PlanRequest(precision, fast_ar_precision, max_context,
@@ -250,6 +255,7 @@ def synthetic(out: Path, config_name: str, seed: int, shards: int, device: str) 
 main.add_command(encode)
 main.add_command(decode)
 main.add_command(plan)
+main.add_command(voice)
 
 if __name__ == "__main__":
     main()

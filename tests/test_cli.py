@@ -119,7 +119,7 @@ def broken(tmp_path, tiny_checkpoint):
         ("codes_shape", 2, r"shape \[9, 4\]"),
         ("codes_dtype", 2, "not an integer type"),
         ("codes_range", 2, "values must lie in"),
-        ("codes_missing", 2, "reference codes file not found"),
+        ("codes_missing", 2, "codes file not found"),
         ("codes_unpaired", 2, "one transcript per reference"),
         ("bad_temperature", 2, "temperature must be in"),
     ],
