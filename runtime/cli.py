@@ -18,7 +18,7 @@ from runtime.audio import FRAME_RATE
 from runtime.codec import CodecConfig, decode_to_file
 from runtime.codec_cli import decode, encode, load_codes, open_codec, save_codes
 from runtime.devices import detect_device, parse_size, use_expandable_segments
-from runtime.engine import GenerationConfig, frame_budget, generate
+from runtime.engine import GenerationConfig, frame_budget, generate_batches
 from runtime.errors import InputError, ResourceError, S2EdgeError
 from runtime.loader import PRECISIONS, WeightFormats, load_model, resolve_device
 from runtime.plan_cli import plan
@@ -26,7 +26,7 @@ from runtime.voice_cli import voice, voices_dir_option
 from runtime.voices import VoiceLibrary
 from runtime.planner import LINEAR_FORMATS, PlanRequest, choose_plan, fallbacks
 from runtime.planner import PRECISIONS as PLAN_PRECISIONS
-from runtime.prompt import Reference, build_prompt, check_codes
+from runtime.prompt import Reference, build_prompt, check_codes, text_batches
 from runtime.sampling import SamplingParams
 from runtime.synthetic import write_checkpoint
 
@@ -110,7 +110,10 @@ def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], num_codebo
 @click.option("--top-k", type=int, default=30, show_default=True, help="Candidates kept per draw.")
 @click.option("--seed", type=int, default=None, help="Seed for reproducible output (random if not given).")
 @click.option("--max-new-tokens", type=int, default=1024, show_default=True,
-              help="Most frames to generate (21.5 frames per second of audio).")
+              help="Most frames to generate per text batch (21.5 frames per second of audio).")
+@click.option("--chunk-length", type=int, default=200, show_default=True,
+              help="Long text is spoken in batches of at most this many UTF-8 bytes, cut at speaker tags and "
+                   "sentence ends; each batch hears the ones before it, so the voice carries over.")
 @click.option("--output", "-o", type=click.Path(path_type=Path),
               help="Also decode the codes to audio here (.wav or .flac, 44.1 kHz) with --codec.")
 @click.option("--codec", "codec_path", type=click.Path(path_type=Path),
@@ -142,6 +145,7 @@ def synthesize(
     top_k: int,
     seed: int | None,
     max_new_tokens: int,
+    chunk_length: int,
     output: Path | None,
     codec_path: Path | None,
     codec_config: str,
@@ -189,25 +193,32 @@ def synthesize(
     if loaded is None:
         raise ResourceError(f"no plan fits {target}: try --max-context smaller or another device")
     model = loaded.model
-    prompt = build_prompt(loaded.tokenizer, text, references, model.config.num_codebooks)
+    batches = text_batches(text, chunk_length)
+    prompt = build_prompt(loaded.tokenizer, batches[0], references, model.config.num_codebooks)
     frames = frame_budget(model, prompt.shape[1], config)
     if frames < max_new_tokens:
         click.echo(f"note: at most {frames} frames fit in --max-context {max_context} beside the "
                    f"{prompt.shape[1]}-token prompt", err=True)
     start = time.perf_counter()
-    with click.progressbar(length=frames, label="generating", file=sys.stderr) as bar:
-        result = generate(model, prompt, config, on_frame=lambda _i: bar.update(1))
+    with click.progressbar(length=frames * len(batches), label="generating", file=sys.stderr) as bar:
+        long = generate_batches(model, loaded.tokenizer, batches, references, config,
+                                on_frame=lambda _i: bar.update(1))
     elapsed = time.perf_counter() - start
-    save_codes(codes_out, result.codes.numpy())
-    n = result.codes.shape[1]
-    ending = "stopped at <|im_end|>" if result.stopped else "frame budget reached"
+    result = long.batches[0]
+    codes = long.codes
+    save_codes(codes_out, codes.numpy())
+    n = codes.shape[1]
+    budget_hit = sum(not r.stopped for r in long.batches)
+    ending = "stopped at <|im_end|>" if not budget_hit else f"frame budget reached in {budget_hit} of {len(batches)}"
+    if len(batches) > 1:
+        ending += f"; {len(batches)} text batches"
     if output is not None:
         codec = open_codec(codec_path or checkpoint / "codec.pth", CodecConfig.load(codec_config), device, "auto",
                            with_encoder=False)
-        decode_to_file(result.codes, codec, output)
+        decode_to_file(codes, codec, output)
         click.echo(f"wrote {output}")
     click.echo(
-        f"wrote {codes_out}: codes [{result.codes.shape[0]}, {n}] = {n / FRAME_RATE:.2f} s of audio; "
+        f"wrote {codes_out}: codes [{codes.shape[0]}, {n}] = {n / FRAME_RATE:.2f} s of audio; "
         f"{ending}; prompt {result.prompt_tokens} tokens; {n / max(elapsed, 1e-9):.1f} frames/s on {target}"
     )
 

@@ -14,7 +14,9 @@ import torch
 
 from runtime.errors import InputError
 from runtime.model import DualAR
+from runtime.prompt import Reference, build_prompt
 from runtime.sampling import RAS_WINDOW, SamplingParams, sample, sample_semantic
+from runtime.tokenizer import Tokenizer
 
 CAPACITY_BUCKET = 256  # KV-cache sizes are rounded up to this so similar requests reuse one allocation
 
@@ -110,3 +112,40 @@ def generate(
     n = model.config.num_codebooks
     codes = torch.stack(frames, dim=1)[1:] if frames else torch.zeros(n, 0, dtype=torch.int64)
     return Generation(codes=codes.cpu(), stopped=stopped, prompt_tokens=prompt_len)
+
+
+@dataclass
+class LongGeneration:
+    codes: torch.Tensor  # [num_codebooks, n]: every batch's frames, in order
+    batches: list[Generation]
+    history_kept: list[int]  # per batch, how many earlier batches its prompt replayed
+
+
+def generate_batches(
+    model: DualAR,
+    tokenizer: Tokenizer,
+    texts: list[str],
+    references: list[Reference],
+    config: GenerationConfig,
+    on_frame: Callable[[int], None] | None = None,
+) -> LongGeneration:
+    """Several texts (see prompt.text_batches) spoken one after the other in one voice.
+
+    As the reference, each request replays the earlier batches as user/assistant turns (their text and generated
+    codes) after the references, so voice and prosody carry over. Beyond it, the oldest turns are dropped while
+    the prompt plus `max_new_tokens` would not fit the context (the plan's or the model's).
+    """
+    limit = min(model.config.max_seq_len, config.max_context or model.config.max_seq_len)
+    history: list[tuple[str, torch.Tensor]] = []
+    results: list[Generation] = []
+    kept: list[int] = []
+    for text in texts:
+        prompt = build_prompt(tokenizer, text, references, model.config.num_codebooks, history)
+        while history and prompt.shape[1] + config.max_new_tokens > limit:
+            history = history[1:]
+            prompt = build_prompt(tokenizer, text, references, model.config.num_codebooks, history)
+        kept.append(len(history))
+        result = generate(model, prompt, config, on_frame)
+        results.append(result)
+        history.append((text, result.codes))
+    return LongGeneration(torch.cat([r.codes for r in results], dim=1), results, kept)

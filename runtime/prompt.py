@@ -99,6 +99,65 @@ def encode_parts(tokenizer: Tokenizer, parts: list[Part], num_codebooks: int) ->
     return torch.cat(columns, dim=1)
 
 
+SENTENCE_END = re.compile(r"(?<=[.!?;。！？；…])\s+|\n+")
+MAX_SPEAKERS_PER_BATCH = 5
+
+
+def speaker_turns(text: str) -> list[str]:
+    """Split at `<|speaker:N|>` tags: each turn is a tag and the text after it, stripped.
+
+    Text before the first tag is a turn of its own (the reference implementation silently drops it).
+    """
+    starts = [m.start() for m in SPEAKER_TAG.finditer(text)]
+    bounds = [0, *starts, len(text)] if not starts or starts[0] > 0 else [*starts, len(text)]
+    turns = []
+    for a, b in zip(bounds, bounds[1:]):
+        tag = SPEAKER_TAG.match(text, a)
+        head = tag.group(0) if tag else ""
+        body = text[a + len(head):b].strip()
+        if body:
+            turns.append(head + body)
+    return turns
+
+
+def sentence_pieces(turn: str, max_bytes: int) -> list[str]:
+    """A turn longer than max_bytes (UTF-8) cut at sentence ends into pieces of at most max_bytes; a longer
+    sentence stays whole. Every piece keeps the turn's speaker tag, so each batch knows who speaks."""
+    if len(turn.encode()) <= max_bytes:
+        return [turn]
+    tag = SPEAKER_TAG.match(turn)
+    prefix = tag.group(0) if tag else ""
+    pieces: list[str] = []
+    for sentence in SENTENCE_END.split(turn[len(prefix):].strip()):
+        if pieces and len((pieces[-1] + " " + sentence).encode()) <= max_bytes - len(prefix.encode()):
+            pieces[-1] += " " + sentence
+        elif sentence:
+            pieces.append(sentence)
+    return [prefix + piece for piece in pieces]
+
+
+def text_batches(text: str, max_bytes: int, max_speakers: int = MAX_SPEAKERS_PER_BATCH) -> list[str]:
+    """Long text -> the texts of successive generation requests (spec 5, text batching), each at most max_bytes
+    of UTF-8 unless one sentence is longer, with at most max_speakers turns, turns joined by newlines.
+
+    As the reference: turns at speaker tags, grouped greedily. Beyond it, so memory stays bounded on a small
+    card: untagged or over-long turns are cut at sentence ends instead of being generated in one pass.
+    """
+    if not text.strip():
+        raise InputError("the text to speak is empty")
+    if max_bytes < 1:
+        raise InputError(f"the chunk length must be at least 1 byte, got {max_bytes}")
+    batches: list[list[str]] = []
+    for turn in speaker_turns(text):
+        for piece in sentence_pieces(turn, max_bytes):
+            last = batches[-1] if batches else None
+            if last and len(last) < max_speakers and len("\n".join([*last, piece]).encode()) <= max_bytes:
+                last.append(piece)
+            else:
+                batches.append([piece])
+    return ["\n".join(batch) for batch in batches]
+
+
 def build_prompt(
     tokenizer: Tokenizer,
     text: str,

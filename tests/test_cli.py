@@ -45,6 +45,16 @@ def test_synthesize_keeps_within_max_context(tiny_checkpoint, tmp_path):
     assert full.exit_code != 0 and "raise --max-context" in full.stderr and "Traceback" not in full.output
 
 
+def test_synthesize_speaks_long_text_in_batches(tiny_checkpoint, tmp_path):
+    text = "A first sentence here. A second one there. And a third to finish."
+    result = synth(tiny_checkpoint, tmp_path / "long.npy", "--text", text, "--chunk-length", "25")
+    assert result.exit_code == 0, result.output
+    assert "3 text batches" in result.stdout
+    one = synth(tiny_checkpoint, tmp_path / "one.npy", "--text", text)
+    assert "text batches" not in one.stdout  # negative control: the default chunk length keeps it whole
+    assert np.load(tmp_path / "long.npy").shape[0] == 10
+
+
 def test_synthesize_with_two_references(tiny_checkpoint, tmp_path):
     rng = np.random.default_rng(0)
     for k in range(2):

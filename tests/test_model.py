@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.engine import GenerationConfig, generate
+from runtime.engine import GenerationConfig, generate, generate_batches
 from runtime.errors import InputError
 from runtime.model import apply_rope, rope_table
+from runtime.prompt import build_prompt
 from runtime.sampling import SamplingParams, probabilities
 
 
@@ -197,3 +198,20 @@ def test_max_context_caps_frames_and_kv_cache(tiny_model):
     assert uncapped.codes.shape[1] <= 9
     with pytest.raises(InputError, match="raise --max-context"):
         generate(model, prompt, GenerationConfig(max_context=length))
+
+
+def test_batches_replay_history_and_trim_it_to_the_context(tiny_model):
+    model, tokenizer = tiny_model.model, tiny_model.tokenizer
+    texts = ["first part.", "second part.", "third part."]
+    config = GenerationConfig(max_new_tokens=6, seed=1)
+    long = generate_batches(model, tokenizer, texts, [], config)
+    assert long.history_kept == [0, 1, 2]
+    assert torch.equal(long.codes, torch.cat([r.codes for r in long.batches], dim=1))
+    first, second = long.batches[0], long.batches[1]
+    assert second.prompt_tokens > first.prompt_tokens + first.codes.shape[1]  # replays batch 0's text and codes
+    alone = generate(model, build_prompt(tokenizer, texts[0], [], model.config.num_codebooks), config)
+    assert torch.equal(alone.codes, first.codes)  # the first batch is a plain request
+
+    limit = second.prompt_tokens + config.max_new_tokens - 1  # too small to replay batch 0 for batch 1
+    tight = generate_batches(model, tokenizer, texts, [], GenerationConfig(max_new_tokens=6, seed=1, max_context=limit))
+    assert tight.history_kept[1] < 1 and all(r.prompt_tokens + r.codes.shape[1] <= limit for r in tight.batches)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from runtime.errors import InputError
-from runtime.prompt import Reference, build_prompt, check_codes
+from runtime.prompt import Reference, build_prompt, check_codes, speaker_turns, text_batches
 
 IM_START, IM_END, VOICE, SEM0 = 301, 302, 330, 335
 
@@ -105,3 +105,32 @@ def test_empty_text_is_refused(tiny_model):
 def test_bad_reference_codes(bad, message):
     with pytest.raises(InputError, match=message):
         check_codes(bad, 10, 64)
+
+
+def test_speaker_turns_keep_every_word():
+    text = "Before any tag. <|speaker:0|> Hi there. <|speaker:1|>Hello!  <|speaker:0|>   "
+    assert speaker_turns(text) == ["Before any tag.", "<|speaker:0|>Hi there.", "<|speaker:1|>Hello!"]
+    assert speaker_turns("no tags at all") == ["no tags at all"]
+
+
+def test_text_batches_group_turns_greedily_by_bytes_and_speakers():
+    tagged = "".join(f"<|speaker:{k % 2}|>Line {k}." for k in range(7))
+    assert text_batches(tagged, 1000) == [  # at most 5 turns per batch, joined by newlines
+        "\n".join(f"<|speaker:{k % 2}|>Line {k}." for k in range(5)),
+        "<|speaker:1|>Line 5.\n<|speaker:0|>Line 6.",
+    ]
+    batches = text_batches(tagged, 40)
+    assert all(len(b.encode()) <= 40 for b in batches) and "\n".join(batches) == "\n".join(speaker_turns(tagged))
+    assert text_batches(tagged, 10) == speaker_turns(tagged)  # one turn each: a turn is never merged past the limit
+
+
+def test_long_untagged_text_is_cut_at_sentence_ends():
+    text = "One sentence here. Another one follows! A question? " + "Word " * 12 + "is long. End."
+    batches = text_batches(text, 30)
+    assert " ".join(batches).split() == text.split()  # nothing lost, nothing added
+    long_sentence = "Word " * 12 + "is long."
+    assert batches == ["One sentence here.", "Another one follows!", "A question?", long_sentence.strip(), "End."]
+    assert text_batches("<|speaker:3|>Un. Deux. Trois.", 22) == ["<|speaker:3|>Un. Deux.", "<|speaker:3|>Trois."]
+    assert len("é".encode()) == 2 and text_batches("éé. éé.", 5) == ["éé.", "éé."]  # UTF-8 bytes, not characters
+    with pytest.raises(InputError, match="empty"):
+        text_batches("  ", 100)
