@@ -47,6 +47,8 @@ print(json.dumps({
 DECODE = r"""
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[2])
+sys.path.insert(0, sys.argv[2] + '/benchmarks')
+from random_weights import never_stop
 from runtime.loader import load_model
 from runtime.engine import GenerationConfig, generate
 from runtime.prompt import Reference, build_prompt
@@ -57,13 +59,7 @@ loaded = load_model(sys.argv[1], dev, torch.bfloat16)
 model, tok = loaded.model, loaded.tokenizer
 ref = Reference(torch.randint(0, model.config.codebook_size, (10, 200), generator=torch.Generator().manual_seed(0)), "a reference transcript " * 8)
 prompt = build_prompt(tok, "Hello, this is a test of the decoding speed. " * 4, [ref], 10)
-# never stop early: random weights may emit <|im_end|> at any time, so its logit is pushed down
-real = model.head_logits
-def no_stop(h):
-    logits = real(h)
-    logits[..., 0] = -1e4
-    return logits
-model.head_logits = no_stop
+never_stop(model)
 cfg = GenerationConfig(max_new_tokens=16, sampling=SamplingParams(0.8, 0.8, 30), seed=0)
 generate(model, prompt, cfg)  # warm-up
 sync()

@@ -25,6 +25,8 @@ sys.path.insert(0, str(ROOT))
 MEASURE = r"""
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[1] + '/benchmarks')
+from random_weights import never_stop
 from runtime.codec import CodecConfig, load_codec
 from runtime.devices import detect_device, parse_size, use_expandable_segments
 from runtime.engine import GenerationConfig, generate
@@ -51,12 +53,7 @@ load_peak = torch.cuda.max_memory_reserved()
 resident = torch.cuda.memory_allocated()
 codec = load_codec(codec_path, CodecConfig.load("s2pro"), dev, torch.bfloat16)
 model = loaded.model
-real = model.head_logits
-def no_stop(h):
-    logits = real(h)
-    logits[..., 0] = -1e4
-    return logits
-model.head_logits = no_stop
+never_stop(model)
 def reference(frames_of_codes):
     return Reference(torch.randint(0, 1024, (10, frames_of_codes), generator=torch.Generator().manual_seed(0)),
                      "words " * 60)
