@@ -12,24 +12,23 @@ import click
 import torch
 
 from runtime import __version__
-from runtime.checkpoint import expected_shapes, open_checkpoint, validate
-from runtime.config import bundled_config
 from runtime.audio import FRAME_RATE
+from runtime.checkpoint import expected_shapes, open_checkpoint, validate
 from runtime.codec import CodecConfig, decode_to_file
 from runtime.codec_cli import decode, encode, load_codes, open_codec, save_codes
+from runtime.config import bundled_config
 from runtime.devices import detect_device, parse_size, use_expandable_segments
 from runtime.engine import GenerationConfig, frame_budget, generate_batches
 from runtime.errors import InputError, ResourceError, S2EdgeError
 from runtime.loader import PRECISIONS, WeightFormats, load_model, resolve_device
 from runtime.plan_cli import plan
-from runtime.voice_cli import voice, voices_dir_option
-from runtime.voices import VoiceLibrary
 from runtime.planner import LINEAR_FORMATS, PlanRequest, choose_plan, fallbacks
 from runtime.planner import PRECISIONS as PLAN_PRECISIONS
 from runtime.prompt import Reference, build_prompt, check_codes, text_batches
 from runtime.sampling import SamplingParams
 from runtime.synthetic import write_checkpoint
-
+from runtime.voice_cli import voice, voices_dir_option
+from runtime.voices import VoiceLibrary
 
 
 class _Main(click.Group):

@@ -36,11 +36,15 @@ class Generation:
     prompt_tokens: int
 
 
+def context_limit(model: DualAR, config: GenerationConfig) -> int:
+    """Prompt + frames at most: the plan's context if given, never more than the model's trained one."""
+    limit = model.config.max_seq_len
+    return limit if config.max_context is None else min(limit, config.max_context)
+
+
 def frame_budget(model: DualAR, prompt_len: int, config: GenerationConfig) -> int:
     """Frames we may generate: the request's budget, clamped to the context (the plan's, else the model's)."""
-    limit = model.config.max_seq_len
-    if config.max_context is not None:
-        limit = min(limit, config.max_context)
+    limit = context_limit(model, config)
     if prompt_len >= limit:
         raise InputError(f"the prompt is {prompt_len} tokens, which leaves no room in a context of {limit}: "
                          "shorten the text or references, or raise --max-context")
@@ -135,7 +139,7 @@ def generate_batches(
     codes) after the references, so voice and prosody carry over. Beyond it, the oldest turns are dropped while
     the prompt plus `max_new_tokens` would not fit the context (the plan's or the model's).
     """
-    limit = min(model.config.max_seq_len, config.max_context or model.config.max_seq_len)
+    limit = context_limit(model, config)
     history: list[tuple[str, torch.Tensor]] = []
     results: list[Generation] = []
     kept: list[int] = []

@@ -9,6 +9,7 @@ time, so a 9 GB checkpoint is written with about one tensor of memory.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Callable
@@ -109,7 +110,7 @@ def write_fp8_checkpoint(folder: str | Path, config: ModelConfig, seed: int = 0)
     folder.mkdir(parents=True, exist_ok=True)
     shapes = expected_shapes(config)
     specs: list[tuple[str, tuple[int, ...], torch.dtype]] = []
-    for i, (key, shape) in enumerate(shapes.items()):
+    for key, shape in shapes.items():
         if linear_format(key, WeightFormats("fp8", "fp8")):
             specs += [(key, shape, torch.float8_e4m3fn), (key + ".scale", (shape[0], 1), torch.float32)]
         else:
@@ -117,15 +118,17 @@ def write_fp8_checkpoint(folder: str | Path, config: ModelConfig, seed: int = 0)
     specs.append(("_buf.fast_freqs_cis", (config.num_codebooks, config.fast.head_dim // 2, 2), torch.bfloat16))
     seeds = {key: seed * 100_003 + i for i, key in enumerate(shapes)}
 
+    @functools.lru_cache(maxsize=1)  # a weight and then its scale: quantize each linear once
+    def fp8(base: str) -> dict[str, torch.Tensor]:
+        return quantize_linear(random_tensor(base, shapes[base], seeds[base]).to(torch.bfloat16), "fp8").stored_tensors()
+
     def make(key: str) -> torch.Tensor:
         if key.startswith("_buf."):
             return torch.zeros(config.num_codebooks, config.fast.head_dim // 2, 2, dtype=torch.bfloat16)
         base = key.removesuffix(".scale")
-        tensor = random_tensor(base, shapes[base], seeds[base]).to(torch.bfloat16)
         if linear_format(base, WeightFormats("fp8", "fp8")):
-            stored = quantize_linear(tensor, "fp8").stored_tensors()
-            return stored["weight.scale"] if key.endswith(".scale") else stored["weight"]
-        return tensor
+            return fp8(base)["weight.scale" if key.endswith(".scale") else "weight"]
+        return random_tensor(base, shapes[base], seeds[base]).to(torch.bfloat16)
 
     write_safetensors(folder / SINGLE_NAME, specs, make, metadata={"format": "pt"})
     info = {"quantization_method": "torchao_Float8WeightOnly", "scale_granularity": "per_row"}
