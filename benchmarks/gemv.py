@@ -376,7 +376,7 @@ def render_report(meta: dict[str, str], results: dict[tuple[int, int], dict[str,
         row = [format_check(cells[v.key]) if v.key in cells else "-" for v in variants]
         lines.append(f"| {n}x{k} | " + " | ".join(row) + " |")
     if tiles:
-        lines += ["", "## Tiles chosen by the autotuner", "", "| kernel | key (N, K, dtypes) | tile |", "|---|---|---|"]
+        lines += ["", "## Configurations chosen on the first call (autotuner tiles; NF4: Triton or PTX kernel)", "", "| kernel | key (N, K, dtypes) | tile |", "|---|---|---|"]
         lines += [f"| {kernel} | {key} | {tile} |" for kernel, key, tile in tiles]
     return "\n".join(lines) + "\n"
 
@@ -446,8 +446,9 @@ def chosen_tiles() -> list[tuple[str, str, str]]:
     from quant.kernels import gemv8, gemv_nf4
     from quant.kernels.tiles import chosen_tiles as picked
 
-    return [(name, str(key), tile) for name, tuned in (("gemv8", gemv8._tuned), ("gemv_nf4", gemv_nf4._tuned))
-            for key, tile in picked(tuned).items()]
+    tiles = [(name, str(key), tile) for name, tuned in (("gemv8", gemv8._tuned), ("gemv_nf4", gemv_nf4._tuned))
+             for key, tile in picked(tuned).items()]
+    return tiles + [("gemv_nf4 path", str(key[:4]), path) for key, path in gemv_nf4.chosen_paths().items()]
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ sm_XX with the same specializations a launch gets (16-byte aligned pointers, N d
 instruction histogram of one program and the thread-instructions per weight.
 
     python benchmarks/sass_count.py nf4 --k 2560 --tile 1,256,1 --shuffle
+    python benchmarks/sass_count.py nf4-ptx --k 2560 --tile 2,0,1    # PTX kernel: rows, (unused), warps
     python benchmarks/sass_count.py fp8 --k 9728 --tile 2,512,1 --arch 89
 """
 
@@ -29,6 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from quant.kernels.gemv8 import _gemv8_kernel  # noqa: E402
 from quant.kernels.gemv_nf4 import _gemv_nf4_kernel  # noqa: E402
+from quant.kernels.gemv_nf4_ptx import _gemv_nf4_ptx_kernel, row_slice_ptx  # noqa: E402
 from quant.kernels.tiles import Tile  # noqa: E402
 
 _OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
@@ -61,13 +63,21 @@ def count(fmt: str, k: int, tile: Tile, arch: int = 90, shuffle: bool = False, q
                      "N": "i32", "K": "constexpr", "QBLOCK": "constexpr", "BLOCK_N": "constexpr",
                      "BLOCK_K": "constexpr", "SHUFFLE": "constexpr"}
         constexprs = {"K": k, "QBLOCK": qblock, "SHUFFLE": shuffle}
+    elif fmt == "nf4-ptx":  # one work item of tile.block_n rows, K split over tile.num_warps warps
+        kernel = _gemv_nf4_ptx_kernel
+        signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "absmax_ptr": "*fp16", "code_ptr": "*fp32", "y_ptr": "*bf16",
+                     "N": "i32", "K": "constexpr", "QBLOCK": "constexpr", "ROWS": "constexpr", "WARPS": "constexpr",
+                     "ASM": "constexpr"}
+        constexprs = {"K": k, "QBLOCK": qblock, "ROWS": tile.block_n, "WARPS": tile.num_warps,
+                      "ASM": row_slice_ptx(k // tile.num_warps, qblock, tile.block_n, False)}
     else:
         kernel = _gemv8_kernel
         weight = {"fp8": "*fp8e4nv", "int8": "*i8", "fp8-bits": "*u8"}[fmt]
         signature = {"x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": "*fp32", "y_ptr": "*bf16", "N": "i32",
                      "K": "constexpr", "FP8_BITS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
         constexprs = {"K": k, "FP8_BITS": fmt == "fp8-bits"}
-    constexprs |= {"BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k}
+    if fmt != "nf4-ptx":
+        constexprs |= {"BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k}
     aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
                if kind.startswith("*") or name == "N"}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
@@ -83,7 +93,7 @@ def count(fmt: str, k: int, tile: Tile, arch: int = 90, shuffle: bool = False, q
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("format", choices=["nf4", "fp8", "int8", "fp8-bits"])
+    parser.add_argument("format", choices=["nf4", "nf4-ptx", "fp8", "int8", "fp8-bits"])
     parser.add_argument("--k", type=int, default=2560, help="input features (compiled in: the K loop is unrolled)")
     parser.add_argument("--tile", default="1,256,1", help="BLOCK_N,BLOCK_K,num_warps")
     parser.add_argument("--arch", type=int, default=90, help="compute capability as a number: 80, 86, 89, 90")

@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 
 from quant.base import error_stats, quantize_linear  # noqa: E402
 from quant.kernels.gemv8 import gemv8  # noqa: E402
+from quant.kernels import gemv_nf4_ptx  # noqa: E402
 from quant.kernels.gemv_nf4 import gemv_nf4  # noqa: E402
 from quant.kernels.tiles import Tile  # noqa: E402
 
@@ -58,6 +59,8 @@ def _run(layer, x: torch.Tensor, tile: Tile | None, fp8_bits: bool | None = None
                         layer.blocksize, tile=tile)
     return gemv8(x, layer.weight, layer.scale, fp8_bits=fp8_bits, tile=tile)
 
+
+PTX_PLANS = gemv_nf4_ptx.PLANS
 
 VARIANTS = [("nf4", None), ("fp8", False), ("fp8", True), ("int8", None)]
 VARIANT_IDS = ["nf4", "fp8-native", "fp8-bits", "int8"]
@@ -165,3 +168,60 @@ def test_layer_dispatch_autotune_and_graph_replay(fmt, n, k):
     prefill = torch.randn(7, k, device=DEVICE, dtype=torch.bfloat16)  # more tokens: dequantize + matmul
     assert not layer.gemv_applies(prefill)
     assert error_stats(layer(prefill), prefill.float() @ layer.dequantize().T).ok()
+
+
+def _random_nf4(n: int, k: int, blocksize: int, scale_dtype: torch.dtype, seed: int = 0):
+    """Random packed codes and scales in bitsandbytes' layout, and their dequantized weight [N, K] fp32 (written
+    from the layout's definition: the high nibble of byte j is column 2j)."""
+    gen = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
+    absmax = (torch.rand(n, k // blocksize, generator=gen) + 0.5).to(scale_dtype)
+    code = _layer("nf4", 16, 64).code.cpu()
+    nibbles = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(n, k).long()
+    weight = code[nibbles] * absmax.float().repeat_interleave(blocksize, dim=1)
+    return packed.to(DEVICE), absmax.to(DEVICE), code.to(DEVICE), weight.to(DEVICE)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("plan", [*PTX_PLANS, gemv_nf4_ptx.Plan(1, 1, 8), gemv_nf4_ptx.Plan(1, 4, 4)], ids=str)
+@pytest.mark.parametrize("n, k, blocksize, scale_dtype", [
+    (37, 2048, 64, torch.float16), (4097, 2560, 64, torch.float16), (2560, 4096, 32, torch.float32),
+    (130, 9728, 128, torch.float16)])
+def test_nf4_ptx_kernel(plan, n, k, blocksize, scale_dtype):
+    """The generated-PTX kernel (compiled only) in every plan against the layout's own dequantization, odd row
+    counts, other block sizes and fp32 scales included; a rotated code table fails; a graph replay is exact."""
+    if not plan.fits(k):
+        pytest.skip(f"K {k} is not a multiple of {plan.warps} x 512")
+    packed, absmax, code, weight = _random_nf4(n, k, blocksize, scale_dtype)
+    words = packed.view(torch.int32)
+    x = torch.randn(k, device=DEVICE).bfloat16()
+    y = gemv_nf4_ptx.gemv_nf4_ptx(x, words, absmax, code, blocksize, plan)
+    assert error_stats(y, x.float() @ weight.T).ok()
+    wrong = gemv_nf4_ptx.gemv_nf4_ptx(x, words, absmax, code.roll(1), blocksize, plan)
+    assert not error_stats(wrong, x.float() @ weight.T).ok()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemv_nf4_ptx.gemv_nf4_ptx(x, words, absmax, code, blocksize, plan)
+    x.copy_(torch.randn_like(x))
+    expected = gemv_nf4_ptx.gemv_nf4_ptx(x, words, absmax, code, blocksize, plan)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_nf4_ptx_preconditions():
+    """Misaligned or non-bf16 x, or K not in whole 512-column steps, never reach the PTX kernel."""
+    x = torch.randn(4097, device=DEVICE).bfloat16()
+    assert gemv_nf4_ptx.accepts(x[:2560], 2560, 64)
+    assert not gemv_nf4_ptx.accepts(x[1:2561], 2560, 64)  # 2-byte offset
+    assert not gemv_nf4_ptx.accepts(x[:2560].float(), 2560, 64)
+    assert not gemv_nf4_ptx.accepts(x[:2560 - 64], 2560 - 64, 64)
+    assert not gemv_nf4_ptx.accepts(x[:2560], 2560, 1024)
+    layer = _layer("nf4", 64, 2560)
+    args = (layer.weight.view(64, 1280), layer.absmax.view(64, 40), layer.code, layer.blocksize)
+    shifted = x[1:2561]  # the dispatcher falls back to the Triton kernel and stays correct
+    assert error_stats(gemv_nf4(shifted, *args), shifted.float() @ layer.dequantize().T).ok()

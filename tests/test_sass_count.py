@@ -35,3 +35,15 @@ def test_shuffle_lookup_needs_fewer_instructions_than_the_gather():
     assert ops.get("SHFL", 0) >= 8 * words_per_thread  # one shuffle per weight: the asm path was compiled
     assert shuffle < gather  # the reason it exists (an autotuned choice, not a fallback in disguise)
     assert shuffle / (2560 / 32) < 8  # instructions per weight per thread stay in single digits
+
+
+def test_ptx_kernel_assembles_with_fewer_instructions_per_weight():
+    """The generated PTX assembles for sm_90 (a syntax error would fail here, not on a user's GPU) and issues
+    fewer instructions per weight than the Triton shuffle kernel; one shuffle per weight shows the lookup is there."""
+    ptx, ops = _count("nf4-ptx", "--k", "2560", "--tile", "2,0,1")
+    shuffle, _ = _count("nf4", "--k", "2560", "--tile", "1,256,1", "--shuffle")
+    weights_per_thread = 2 * 2560 // 32
+    assert ops.get("SHFL", 0) >= weights_per_thread
+    assert ptx / weights_per_thread < shuffle / (2560 / 32)
+    split, _ = _count("nf4-ptx", "--k", "4096", "--tile", "2,0,2")  # K split over two warps: still assembles
+    assert split > 0

@@ -15,6 +15,9 @@ autotuner picks per shape (benchmarks/results/gemv-*.md):
   reads only the low 5 bits of its lane index, so `word >> 4i` needs no mask. About 30 % fewer instructions per
   weight; it wins where one warp per row keeps every SM busy (N = 2 560 on an H100).
 
+A third way, gemv_nf4_ptx.py (persistent programs with a generated-PTX inner loop), is timed against the autotuned
+kernel on the first call per shape and used where it is faster.
+
 Layout: a program reads [BLOCK_N, BLOCK_K / 8] words per (unrolled) step and the matching x once for all its
 rows; the 8 products of a word are summed in the thread that holds it, and rows are reduced once, at the end.
 """
@@ -25,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from quant.kernels.tiles import TILES, Tile, autotuned, step_columns
+from quant.kernels import gemv_nf4_ptx
+from quant.kernels.tiles import TILES, Tile, autotuned, graph_bench, step_columns
 
 # One word [BLOCK_N, NW] int32 ($8) and the code table's address ($9) -> the word's 8 NF4 values, nibble order
 # (value i from bits 4i..4i+3). ptxas hoists the lane's table read out of the unrolled loop (one LDG per kernel).
@@ -152,11 +156,49 @@ def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: 
     assert x.shape == (k,) and absmax.shape == (n, k // blocksize) and kernel_accepts(k, blocksize)
     assert absmax.dtype in (torch.float16, torch.float32) and code.dtype == torch.float32 and code.numel() == 16
     words = packed.view(torch.int32)  # [N, K/8]
+    if x.data_ptr() % 16:
+        x = x.clone()  # a view at an odd offset: the kernels read x as 16-byte vectors of bf16 pairs
+    if tile is not None:
+        y = torch.empty(n, dtype=x.dtype, device=x.device)
+        _gemv_nf4_kernel[(triton.cdiv(n, tile.block_n),)](x, words, absmax, code, y, n, k, QBLOCK=blocksize,
+                                                          SHUFFLE=shuffle, **tile.launch_args())
+        return y
+    if gemv_nf4_ptx.accepts(x, k, blocksize):
+        key = (n, k, blocksize, absmax.dtype, x.device)
+        if key not in _ptx_plan:
+            _ptx_plan[key] = _fastest_ptx_plan(x, words, absmax, code, blocksize)
+        plan = _ptx_plan[key]
+        if plan is not None:
+            return gemv_nf4_ptx.gemv_nf4_ptx(x, words, absmax, code, blocksize, plan)
+    return _autotuned(x, words, absmax, code, blocksize)
+
+
+# (N, K, block size, scale dtype, device) -> the PTX plan that beat the autotuned kernel there, or None.
+_ptx_plan: dict[tuple, gemv_nf4_ptx.Plan | None] = {}
+
+
+def _autotuned(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+               blocksize: int) -> torch.Tensor:
+    n, k = words.shape[0], 8 * words.shape[1]
     y = torch.empty(n, dtype=x.dtype, device=x.device)
-    args = (x, words, absmax, code, y, n, k)
-    if tile is None:
-        _tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, QBLOCK=blocksize)
-    else:
-        _gemv_nf4_kernel[(triton.cdiv(n, tile.block_n),)](*args, QBLOCK=blocksize, SHUFFLE=shuffle,
-                                                          **tile.launch_args())
+    _tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, words, absmax, code, y, n, k, QBLOCK=blocksize)
     return y
+
+
+def _fastest_ptx_plan(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                      blocksize: int) -> gemv_nf4_ptx.Plan | None:
+    """Time the autotuned kernel and every PTX plan that fits, each replayed in a CUDA graph; None if none wins."""
+    k = 8 * words.shape[1]
+    _autotuned(x, words, absmax, code, blocksize)  # autotune (and compile) before timing
+    best, best_ms = None, graph_bench(lambda: _autotuned(x, words, absmax, code, blocksize))
+    for plan in gemv_nf4_ptx.PLANS:
+        if plan.fits(k):
+            ms = graph_bench(lambda: gemv_nf4_ptx.gemv_nf4_ptx(x, words, absmax, code, blocksize, plan))
+            if ms < best_ms:
+                best, best_ms = plan, ms
+    return best
+
+
+def chosen_paths() -> dict[tuple, str]:
+    """Per shape key, which NF4 kernel the first call chose (for benchmark reports)."""
+    return {key: f"PTX {plan}" if plan else "Triton (autotuned tile)" for key, plan in _ptx_plan.items()}

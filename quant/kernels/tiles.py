@@ -50,8 +50,8 @@ def step_columns(k0, offsets, K: tl.constexpr, BLOCK_K: tl.constexpr):
         return tl.minimum(k0 + offsets, K - 1)
 
 
-def _graph_bench(fn: Callable[[], Any], quantiles: Any) -> Any:
-    """Time a tile as the decode loop runs it: replayed in a CUDA graph, with no launch overhead per call.
+def graph_bench(fn: Callable[[], Any], quantiles: Any = None) -> Any:
+    """Time a kernel configuration as decode runs it: replayed in a CUDA graph, no launch overhead per call.
 
     Eager timing (Triton's default) adds microseconds of launch latency to kernels that run for 5-10 us and
     picked tiles up to 10 % slower in the graph (H100). 20 ms per tile keeps the first call quick.
@@ -67,7 +67,7 @@ def autotuned(kernel: Any, configs: Sequence[Tile | tuple[Tile, dict[str, Any]]]
     pairs = [c if isinstance(c, tuple) else (c, {}) for c in configs]
     triton_configs = [triton.Config({"BLOCK_N": t.block_n, "BLOCK_K": t.block_k, **extra}, num_warps=t.num_warps)
                       for t, extra in pairs]
-    return triton.autotune(configs=triton_configs, key=["N", "K"], do_bench=_graph_bench)(kernel)
+    return triton.autotune(configs=triton_configs, key=["N", "K"], do_bench=graph_bench)(kernel)
 
 
 def chosen_tiles(tuned: Any) -> dict[tuple, str]:
