@@ -1,11 +1,12 @@
 """Batch-1 NF4 GEMV with a generated-PTX inner loop: persistent warps over row pairs, K optionally split.
 
-Why a second NF4 kernel: on an H100 the Triton kernel (gemv_nf4.py) spends about 1.2 us per call above the time it
-takes merely to read the same bytes (benchmarks/results/gemv-*.md). Measured there, that gap is neither the lookup
+Why a second NF4 kernel: on an H100 the Triton kernel (gemv_nf4.py) spends 1.2-2.5 us per call above the time it
+takes merely to read the same bytes (benchmarks/results/nf4-gemv-experiments-*.md). That gap is neither the lookup
 (shuffles replaced by ALU ops changed it by under 10 %) nor instruction count (a third fewer instructions gained
-3-8 %): with one wave of one-warp programs every warp loads all its words at once and computes after its data
+0-8 %): with one wave of one-warp programs every warp loads all its words at once and computes after its data
 arrive, so the arithmetic runs after the memory traffic instead of under it. Persistent programs that loop over
-row groups drift into different phases and overlap the two.
+row groups drift into different phases and overlap the two. ptxas is free to sink loads into the arithmetic, and
+did so for an equivalent way of writing the pointers below (10-20 % slower): keep their form.
 
 Layout (bitsandbytes' packed rows, read as int32 words; see gemv_nf4.py): each lane owns 16-column units
 u = lane + 32 i of a row (one 8-byte load of two words, two 16-byte loads of bf16 x, one block scale) and keeps
