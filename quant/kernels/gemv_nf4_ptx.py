@@ -1,6 +1,6 @@
 """Batch-1 NF4 GEMV with a generated-PTX inner loop: persistent warps over row pairs, K optionally split.
 
-Why a second NF4 kernel: on an H100 the Triton kernel (gemv_nf4.py) spends 1.2-2.5 us per call above the time it
+Why a second NF4 kernel: on an H100 the Triton kernel (gemv_nf4.py) spends 1.1-2.7 us per call above the time it
 takes merely to read the same bytes (benchmarks/results/nf4-gemv-experiments-*.md). That gap is neither the lookup
 (shuffles replaced by ALU ops changed it by under 10 %) nor instruction count (a third fewer instructions gained
 0-8 %): with one wave of one-warp programs every warp loads all its words at once and computes after its data
