@@ -376,7 +376,8 @@ def render_report(meta: dict[str, str], results: dict[tuple[int, int], dict[str,
         row = [format_check(cells[v.key]) if v.key in cells else "-" for v in variants]
         lines.append(f"| {n}x{k} | " + " | ".join(row) + " |")
     if tiles:
-        lines += ["", "## Configurations chosen on the first call (autotuner tiles; NF4: Triton or PTX kernel)", "", "| kernel | key (N, K, dtypes) | tile |", "|---|---|---|"]
+        lines += ["", "## Configurations chosen on the first call (autotuner tiles; NF4: Triton or PTX kernel)", "",
+                  "| kernel | key (N, K, dtypes) | tile |", "|---|---|---|"]
         lines += [f"| {kernel} | {key} | {tile} |" for kernel, key, tile in tiles]
     return "\n".join(lines) + "\n"
 

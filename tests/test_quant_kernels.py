@@ -60,8 +60,6 @@ def _run(layer, x: torch.Tensor, tile: Tile | None, fp8_bits: bool | None = None
     return gemv8(x, layer.weight, layer.scale, fp8_bits=fp8_bits, tile=tile)
 
 
-PTX_PLANS = gemv_nf4_ptx.PLANS
-
 VARIANTS = [("nf4", None), ("fp8", False), ("fp8", True), ("int8", None)]
 VARIANT_IDS = ["nf4", "fp8-native", "fp8-bits", "int8"]
 
@@ -184,7 +182,7 @@ def _random_nf4(n: int, k: int, blocksize: int, scale_dtype: torch.dtype, seed: 
 
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.parametrize("plan", [*PTX_PLANS, gemv_nf4_ptx.Plan(1, 1, 8), gemv_nf4_ptx.Plan(1, 4, 4)], ids=str)
+@pytest.mark.parametrize("plan", [*gemv_nf4_ptx.PLANS, gemv_nf4_ptx.Plan(1, 1, 8), gemv_nf4_ptx.Plan(1, 4, 4)], ids=str)
 @pytest.mark.parametrize("n, k, blocksize, scale_dtype", [
     (37, 2048, 64, torch.float16), (4097, 2560, 64, torch.float16), (2560, 4096, 32, torch.float32),
     (130, 9728, 128, torch.float16)])
