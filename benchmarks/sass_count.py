@@ -6,7 +6,7 @@ sm_XX with the same specializations a launch gets (16-byte aligned pointers, N d
 instruction histogram of one program and the thread-instructions per weight.
 
     python benchmarks/sass_count.py nf4 --k 2560 --tile 1,256,1 --shuffle
-    python benchmarks/sass_count.py nf4-ptx --k 2560 --tile 2,0,1    # PTX kernel: rows, (unused), warps
+    python benchmarks/sass_count.py nf4-ptx --k 2560 --tile 2,1,1    # PTX kernel: rows, FMA chains, warps
     python benchmarks/sass_count.py fp8 --k 9728 --tile 2,512,1 --arch 89
 """
 
@@ -63,13 +63,13 @@ def count(fmt: str, k: int, tile: Tile, arch: int = 90, shuffle: bool = False, q
                      "N": "i32", "K": "constexpr", "QBLOCK": "constexpr", "BLOCK_N": "constexpr",
                      "BLOCK_K": "constexpr", "SHUFFLE": "constexpr"}
         constexprs = {"K": k, "QBLOCK": qblock, "SHUFFLE": shuffle}
-    elif fmt == "nf4-ptx":  # one work item of tile.block_n rows, K split over tile.num_warps warps
+    elif fmt == "nf4-ptx":  # tile.block_n rows per work item, tile.block_k FMA chains, K over tile.num_warps warps
         kernel = _gemv_nf4_ptx_kernel
         signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "absmax_ptr": "*fp16", "code_ptr": "*fp32", "y_ptr": "*bf16",
                      "N": "i32", "K": "constexpr", "QBLOCK": "constexpr", "ROWS": "constexpr", "WARPS": "constexpr",
                      "ASM": "constexpr"}
         constexprs = {"K": k, "QBLOCK": qblock, "ROWS": tile.block_n, "WARPS": tile.num_warps,
-                      "ASM": row_slice_ptx(k // tile.num_warps, qblock, tile.block_n, False)}
+                      "ASM": row_slice_ptx(k // tile.num_warps, qblock, tile.block_n, False, max(tile.block_k, 1))}
     else:
         kernel = _gemv8_kernel
         weight = {"fp8": "*fp8e4nv", "int8": "*i8", "fp8-bits": "*u8"}[fmt]
@@ -95,7 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("format", choices=["nf4", "nf4-ptx", "fp8", "int8", "fp8-bits"])
     parser.add_argument("--k", type=int, default=2560, help="input features (compiled in: the K loop is unrolled)")
-    parser.add_argument("--tile", default="1,256,1", help="BLOCK_N,BLOCK_K,num_warps")
+    parser.add_argument("--tile", default="1,256,1", help="BLOCK_N,BLOCK_K,num_warps (nf4-ptx: rows,chains,warps)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability as a number: 80, 86, 89, 90")
     parser.add_argument("--shuffle", action="store_true", help="NF4: the shfl.sync lookup instead of the gather")
     args = parser.parse_args()

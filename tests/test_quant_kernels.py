@@ -23,7 +23,7 @@ from quant.base import error_stats, quantize_linear  # noqa: E402
 from quant.kernels.gemv8 import gemv8  # noqa: E402
 from quant.kernels import gemv_nf4_ptx  # noqa: E402
 from quant.kernels.gemv_nf4 import gemv_nf4  # noqa: E402
-from quant.kernels.tiles import Tile  # noqa: E402
+from quant.kernels.tiles import Tile, cold_copies, cold_copy_count  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -223,3 +223,25 @@ def test_nf4_ptx_preconditions():
     args = (layer.weight.view(64, 1280), layer.absmax.view(64, 40), layer.code, layer.blocksize)
     shifted = x[1:2561]  # the dispatcher falls back to the Triton kernel and stays correct
     assert error_stats(gemv_nf4(shifted, *args), shifted.float() @ layer.dequantize().T).ok()
+
+
+def test_cold_copy_count_fills_l2_twice():
+    """Enough copies that the timed weights overflow L2 twice; never none, never unbounded."""
+    mib = 1 << 20
+    assert cold_copy_count(8 * mib, 50 * mib) == 13  # 6144x2560 NF4 on an H100: 13 x 8 MiB >= 100 MiB
+    assert cold_copy_count(100 * mib, 50 * mib) == 1  # already larger than twice L2
+    assert cold_copy_count(101 * mib, 50 * mib) == 1
+    assert cold_copy_count(1024, 50 * mib) == 32  # a tiny weight: capped
+    assert cold_copy_count(0, 50 * mib) == 32
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cold_copies_are_separate_and_equal():
+    words = torch.randint(-2**31, 2**31 - 1, (256, 320), dtype=torch.int32, device=DEVICE)
+    scales = torch.rand(256, 40, device=DEVICE).half()
+    sets = cold_copies((words, scales))
+    l2 = torch.cuda.get_device_properties(DEVICE).L2_cache_size
+    assert len(sets) == cold_copy_count(words.nbytes + scales.nbytes, l2) and sets[0][0] is words
+    assert len({w.data_ptr() for w, _ in sets}) == len(sets)
+    assert all(torch.equal(w, words) and torch.equal(a, scales) for w, a in sets)

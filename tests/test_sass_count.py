@@ -47,3 +47,5 @@ def test_ptx_kernel_assembles_with_fewer_instructions_per_weight():
     assert ptx / weights_per_thread < shuffle / (2560 / 32)
     _, split_ops = _count("nf4-ptx", "--k", "4096", "--tile", "2,0,2")  # K split over two warps
     assert split_ops.get("SHFL", 0) >= 2 * 4096 // 64  # each thread: 2 rows x its half of K, one shuffle per weight
+    _, chained = _count("nf4-ptx", "--k", "2560", "--tile", "2,2,1")  # two FMA chains: each unit starts two sums
+    assert ops["FMUL"] == 2 * 5 and chained["FMUL"] == 2 * ops["FMUL"]

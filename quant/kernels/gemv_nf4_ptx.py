@@ -6,7 +6,10 @@ takes merely to read the same bytes (benchmarks/results/nf4-gemv-experiments-*.m
 0-8 %): with one wave of one-warp programs every warp loads all its words at once and computes after its data
 arrive, so the arithmetic runs after the memory traffic instead of under it. Persistent programs that loop over
 row groups drift into different phases and overlap the two. ptxas is free to sink loads into the arithmetic, and
-did so for an equivalent way of writing the pointers below (10-20 % slower): keep their form.
+did so for an equivalent way of writing the pointers below (10-20 % slower): keep their form. Where the weight
+loads go matters both ways: issuing all of them first (a dependency, or cp.async into shared memory) ran 10-25 %
+slower than ptxas's placement, and the `.lu` (last use) loads, which ptxas places a little later than
+`L1::evict_first` ones, ran 0-2 % faster on every S2 shape (benchmarks/results/nf4-gemv-experiments-*.md).
 
 Layout (bitsandbytes' packed rows, read as int32 words; see gemv_nf4.py): each lane owns 16-column units
 u = lane + 32 i of a row (one 8-byte load of two words, two 16-byte loads of bf16 x, one block scale) and keeps
@@ -34,18 +37,22 @@ WARP_COLUMNS = 32 * UNIT  # columns one warp covers per unit step
 
 @dataclass(frozen=True)
 class Plan:
-    """`rows` output rows per work item (1 or 2), `warps` per program splitting K, `per_sm` programs per SM."""
+    """`rows` output rows per work item (1 or 2), `warps` per program splitting K, `per_sm` programs per SM,
+    `chains`: independent fp32 sums a unit's 16 products are split over (1, 2 or 4)."""
 
     rows: int
     warps: int
     per_sm: int
+    chains: int = 1
 
     def fits(self, k: int) -> bool:
         return k % (self.warps * WARP_COLUMNS) == 0
 
 
-# The configurations that won an S2 shape in a sweep on an H100 (rows 1-2, 1-4 warps, 4-32 programs per SM).
-PLANS: tuple[Plan, ...] = (Plan(2, 1, 16), Plan(2, 1, 32), Plan(2, 2, 16))
+# The configurations that won an S2 shape in sweeps on an H100 (rows 1-4, 1-4 warps, 4-32 programs per SM, 1-4
+# chains): 4096x2560 at 16/SM, 9728x2560 at 20, 6144x2560 at 24 with 2 chains (64 registers: 24 fit on an SM),
+# 2560x4096 with K split over 2 warps. ptxas schedules each differently; the chooser times them per shape.
+PLANS: tuple[Plan, ...] = (Plan(2, 1, 16), Plan(2, 1, 20), Plan(2, 1, 24, chains=2), Plan(2, 2, 16))
 
 
 def accepts(x: torch.Tensor, k: int, blocksize: int) -> bool:
@@ -55,8 +62,8 @@ def accepts(x: torch.Tensor, k: int, blocksize: int) -> bool:
 
 
 @functools.cache
-def row_slice_ptx(k: int, blocksize: int, rows: int, scale_f32: bool) -> str:
-    """PTX for one lane over a K-column slice of `rows` rows.
+def row_slice_ptx(k: int, blocksize: int, rows: int, scale_f32: bool, chains: int = 1) -> str:
+    """PTX for one lane over a K-column slice of `rows` rows; a unit's products summed in `chains` chains.
 
     Operands: $0..$rows-1 the fp32 partial sums (out); then x (this lane's first unit), the code table, and per row
     its packed words and scales (this lane's first unit).
@@ -75,12 +82,13 @@ def row_slice_ptx(k: int, blocksize: int, rows: int, scale_f32: bool) -> str:
     for i in range(units):  # every weight load first: the latency is paid once
         for r in range(rows):
             u, words, scales = i * rows + r, f"${rows + 2 + 2 * r}", f"${rows + 3 + 2 * r}"
-            lines.append(f"ld.global.L1::evict_first.v2.b32 {{w{2 * u}, w{2 * u + 1}}}, [{words}+{8 * 32 * i}];")
+            lines.append(f"ld.global.lu.v2.b32 {{w{2 * u}, w{2 * u + 1}}}, [{words}+{8 * 32 * i}];")
             offset = WARP_COLUMNS * i // blocksize * scale_bytes
             lines.append(f"ld.global.nc.b32 s{u}, [{scales}+{offset}];" if scale_f32
                          else f"ld.global.nc.b16 h{u}, [{scales}+{offset}];")
     for i in range(units):
-        lines += ["{", ".reg .b32 p<8>, xl<8>, xh<8>, n<16>, v<16>, sf;", ".reg .f32 sum;",
+        sums = [f"sum{c}" for c in range(chains)]
+        lines += ["{", ".reg .b32 p<8>, xl<8>, xh<8>, n<16>, v<16>, sf;", f".reg .f32 {', '.join(sums)};",
                   f"ld.global.nc.v4.b32 {{p0, p1, p2, p3}}, [{x_ptr}+{2 * WARP_COLUMNS * i}];",
                   f"ld.global.nc.v4.b32 {{p4, p5, p6, p7}}, [{x_ptr}+{2 * WARP_COLUMNS * i + 16}];"]
         for j in range(8):  # bf16 pair j: column 2j in the low half, 2j + 1 in the high half
@@ -100,14 +108,15 @@ def row_slice_ptx(k: int, blocksize: int, rows: int, scale_f32: bool) -> str:
                 for j in range(4):
                     high, low = f"v{8 * wi + 2 * j + 1}", f"v{8 * wi + 2 * j}"
                     products += [(high, f"xl{4 * wi + j}"), (low, f"xh{4 * wi + j}")]
-            (v, x), rest = products[0], products[1:]
-            lines.append(f"mul.f32 sum, {v}, {x};")
-            lines += [f"fma.rn.f32 sum, {v}, {x}, sum;" for v, x in rest]
+            for j, (v, x) in enumerate(products):  # product j into chain j % chains
+                acc = sums[j % chains]
+                lines.append(f"mul.f32 {acc}, {v}, {x};" if j < chains else f"fma.rn.f32 {acc}, {v}, {x}, {acc};")
+            lines += [f"add.f32 sum0, sum0, {acc};" for acc in sums[1:]]
             scale = f"s{u}"
             if not scale_f32:
                 lines.append(f"cvt.f32.f16 sf, h{u};")
                 scale = "sf"
-            lines.append(f"fma.rn.f32 acc{r}, sum, {scale}, acc{r};")
+            lines.append(f"fma.rn.f32 acc{r}, sum0, {scale}, acc{r};")
         lines.append("}")
     lines += [f"mov.b32 ${r}, acc{r};" for r in range(rows)]
     lines.append("}")
@@ -134,7 +143,7 @@ def _gemv_nf4_ptx_kernel(
     QBLOCK: tl.constexpr,
     ROWS: tl.constexpr,
     WARPS: tl.constexpr,
-    ASM: tl.constexpr,  # row_slice_ptx(K // WARPS, QBLOCK, ROWS, fp32 scales)
+    ASM: tl.constexpr,  # row_slice_ptx(K // WARPS, QBLOCK, ROWS, fp32 scales, chains)
 ):
     I32: tl.constexpr = tl.pointer_type(tl.int32)
     SLICE: tl.constexpr = K // WARPS
@@ -174,7 +183,7 @@ def gemv_nf4_ptx(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor, cod
     assert accepts(x, k, blocksize) and plan.fits(k) and x.shape == (k,)
     assert absmax.dtype in (torch.float16, torch.float32) and absmax.is_contiguous() and words.is_contiguous()
     y = torch.empty(n, dtype=x.dtype, device=x.device)
-    asm = row_slice_ptx(k // plan.warps, blocksize, plan.rows, absmax.dtype == torch.float32)
+    asm = row_slice_ptx(k // plan.warps, blocksize, plan.rows, absmax.dtype == torch.float32, plan.chains)
     programs = min(triton.cdiv(n, plan.rows), _sm_count(x.device.index or 0) * plan.per_sm)
     _gemv_nf4_ptx_kernel[(programs,)](x, words, absmax, code, y, n, k, QBLOCK=blocksize, ROWS=plan.rows,
                                       WARPS=plan.warps, ASM=asm, num_warps=plan.warps)
