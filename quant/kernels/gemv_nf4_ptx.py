@@ -79,7 +79,7 @@ def row_slice_ptx(k: int, blocksize: int, rows: int, scale_f32: bool, chains: in
     if not scale_f32:
         lines.append(f".reg .b16 h<{units * rows}>;")
     lines += [f"mov.f32 acc{r}, 0f00000000;" for r in range(rows)]
-    for i in range(units):  # every weight load first: the latency is paid once
+    for i in range(units):  # every weight load first in the PTX; ptxas moves some later (module docstring)
         for r in range(rows):
             u, words, scales = i * rows + r, f"${rows + 2 + 2 * r}", f"${rows + 3 + 2 * r}"
             lines.append(f"ld.global.lu.v2.b32 {{w{2 * u}, w{2 * u + 1}}}, [{words}+{8 * 32 * i}];")

@@ -1,4 +1,4 @@
-"""Tile configurations shared by the GEMV kernels, and the autotuner built from them.
+"""Tile configurations shared by the GEMV kernels, the autotuner built from them, and how they are timed.
 
 A batch-1 GEMV on these shapes (8-50 MB of weights, a few microseconds per call) is bound by instruction issue
 and memory latency, not by DRAM bandwidth. Both kernels take K as a compile-time constant and unroll the whole K
