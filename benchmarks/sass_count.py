@@ -7,6 +7,7 @@ instruction histogram of one program and the thread-instructions per weight.
 
     python benchmarks/sass_count.py nf4 --k 2560 --tile 1,256,1 --shuffle
     python benchmarks/sass_count.py nf4-ptx --k 2560 --tile 2,1,1    # PTX kernel: rows, FMA chains, warps
+    python benchmarks/sass_count.py nf4-ptx --k 2560 --tile 2,2,1 --rows-first --max-registers 80
     python benchmarks/sass_count.py fp8 --k 9728 --tile 2,512,1 --arch 89
 """
 
@@ -55,8 +56,10 @@ def nvdisasm() -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
 
 
-def count(fmt: str, k: int, tile: Tile, arch: int = 90, shuffle: bool = False, qblock: int = 64) -> SassCount:
-    """Compile one kernel configuration for sm_<arch> and count its SASS instructions."""
+def count(fmt: str, k: int, tile: Tile, arch: int = 90, shuffle: bool = False, qblock: int = 64,
+          rows_first: bool = False, loads_by_row: bool = False, max_registers: int | None = None) -> SassCount:
+    """Compile one kernel configuration for sm_<arch> and count its SASS instructions (nf4-ptx: in the PTX orders
+    and under the register cap of gemv_nf4_ptx.Plan)."""
     if fmt == "nf4":
         kernel = _gemv_nf4_kernel
         signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "absmax_ptr": "*fp16", "code_ptr": "*fp32", "y_ptr": "*bf16",
@@ -69,7 +72,8 @@ def count(fmt: str, k: int, tile: Tile, arch: int = 90, shuffle: bool = False, q
                      "N": "i32", "K": "constexpr", "QBLOCK": "constexpr", "ROWS": "constexpr", "WARPS": "constexpr",
                      "ASM": "constexpr"}
         constexprs = {"K": k, "QBLOCK": qblock, "ROWS": tile.block_n, "WARPS": tile.num_warps,
-                      "ASM": row_slice_ptx(k // tile.num_warps, qblock, tile.block_n, False, max(tile.block_k, 1))}
+                      "ASM": row_slice_ptx(k // tile.num_warps, qblock, tile.block_n, False, max(tile.block_k, 1),
+                                           rows_first, loads_by_row)}
     else:
         kernel = _gemv8_kernel
         weight = {"fp8": "*fp8e4nv", "int8": "*i8", "fp8-bits": "*u8"}[fmt]
@@ -81,7 +85,8 @@ def count(fmt: str, k: int, tile: Tile, arch: int = 90, shuffle: bool = False, q
     aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
                if kind.startswith("*") or name == "N"}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": tile.num_warps})
+    options = {"num_warps": tile.num_warps} | ({"maxnreg": max_registers} if max_registers else {})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -98,9 +103,13 @@ def main() -> None:
     parser.add_argument("--tile", default="1,256,1", help="BLOCK_N,BLOCK_K,num_warps (nf4-ptx: rows,chains,warps)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability as a number: 80, 86, 89, 90")
     parser.add_argument("--shuffle", action="store_true", help="NF4: the shfl.sync lookup instead of the gather")
+    parser.add_argument("--rows-first", action="store_true", help="nf4-ptx: each row's units before the next row's")
+    parser.add_argument("--loads-by-row", action="store_true", help="nf4-ptx: the weight loads issued row by row")
+    parser.add_argument("--max-registers", type=int, help="a register cap for ptxas (maxnreg)")
     args = parser.parse_args()
     tile = Tile(*(int(v) for v in args.tile.split(",")))
-    result = count(args.format, args.k, tile, args.arch, args.shuffle)
+    result = count(args.format, args.k, tile, args.arch, args.shuffle, rows_first=args.rows_first,
+                   loads_by_row=args.loads_by_row, max_registers=args.max_registers)
     print(f"{args.format} K={args.k} tile={args.tile} sm_{args.arch}{' shuffle' if args.shuffle else ''}: "
           f"{result.total} instructions per program, {result.per_weight:.2f} per weight per thread")
     print(", ".join(f"{op} {n}" for op, n in result.opcodes.most_common(16)))

@@ -10,6 +10,7 @@ rounding error (still far inside the 1 % gate); fp32 inputs give a tight check.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -182,7 +183,9 @@ def _random_nf4(n: int, k: int, blocksize: int, scale_dtype: torch.dtype, seed: 
 
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.parametrize("plan", [*gemv_nf4_ptx.PLANS, gemv_nf4_ptx.Plan(1, 1, 8), gemv_nf4_ptx.Plan(1, 4, 4)], ids=str)
+@pytest.mark.parametrize("plan", [*gemv_nf4_ptx.PLANS, gemv_nf4_ptx.Plan(1, 1, 8), gemv_nf4_ptx.Plan(1, 4, 4),
+                                  gemv_nf4_ptx.Plan(2, 2, 8, 2, rows_first=True, loads_by_row=True, max_registers=96)],
+                         ids=str)
 @pytest.mark.parametrize("n, k, blocksize, scale_dtype", [
     (37, 2048, 64, torch.float16), (4097, 2560, 64, torch.float16), (2560, 4096, 32, torch.float32),
     (130, 9728, 128, torch.float16)])
@@ -207,6 +210,23 @@ def test_nf4_ptx_kernel(plan, n, k, blocksize, scale_dtype):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("rows, chains, scale_f32", [(2, 1, False), (2, 2, True), (1, 1, False)])
+def test_nf4_ptx_orders_only_reorder_the_work(rows, chains, scale_f32):
+    """Rows first and loads by row reorder the generated PTX: the same loads (each unit's x once), lookups and sums
+    (a dropped or repeated unit changes the multiset); only where x sits and how often it is unpacked differ."""
+
+    def work(ptx: str) -> list[str]:
+        kept = [line for line in ptx.splitlines() if not line.startswith((".reg", "{", "}", "shl.b32 xl", "and.b32 xh"))]
+        return sorted(re.sub(r"\bp\d+\b", "p", line) for line in kept)  # x registers: p0..p7 per unit or p8i+j
+
+    unit_order = gemv_nf4_ptx.row_slice_ptx(2560, 64, rows, scale_f32, chains)
+    assert sum("ld.global.nc.v4.b32" in line for line in unit_order.splitlines()) == 2 * 5
+    for rows_first, loads_by_row in [(True, False), (False, True), (True, True)]:
+        other = gemv_nf4_ptx.row_slice_ptx(2560, 64, rows, scale_f32, chains, rows_first, loads_by_row)
+        assert work(other) == work(unit_order)
+        assert (other != unit_order) == (rows > 1 or rows_first)
 
 
 @pytest.mark.cuda

@@ -49,3 +49,12 @@ def test_ptx_kernel_assembles_with_fewer_instructions_per_weight():
     assert split_ops.get("SHFL", 0) >= 2 * 4096 // 64  # each thread: 2 rows x its half of K, one shuffle per weight
     _, chained = _count("nf4-ptx", "--k", "2560", "--tile", "2,2,1")  # two FMA chains: each unit starts two sums
     assert ops["FMUL"] == 2 * 5 and chained["FMUL"] == 2 * ops["FMUL"]
+
+
+def test_ptx_orders_and_register_cap_keep_the_arithmetic():
+    """The plans' PTX orders and register cap assemble and keep one shuffle per weight and every FMA: ptxas may
+    schedule them differently, never drop work."""
+    _, units = _count("nf4-ptx", "--k", "2560", "--tile", "2,2,1")
+    for flags in (["--rows-first", "--max-registers", "80"], ["--rows-first", "--loads-by-row"]):
+        _, ordered = _count("nf4-ptx", "--k", "2560", "--tile", "2,2,1", *flags)
+        assert {op: ordered[op] for op in ("SHFL", "FFMA", "FMUL")} == {op: units[op] for op in ("SHFL", "FFMA", "FMUL")}

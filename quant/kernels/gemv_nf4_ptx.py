@@ -9,7 +9,10 @@ row groups drift into different phases and overlap the two. ptxas is free to sin
 did so for an equivalent way of writing the pointers below (10-20 % slower): keep their form. Where the weight
 loads go matters both ways: issuing all of them first (a dependency, or cp.async into shared memory) ran 10-25 %
 slower than ptxas's placement, and the `.lu` (last use) loads, which ptxas places a little later than
-`L1::evict_first` ones, ran 0-2 % faster on every S2 shape (benchmarks/results/nf4-gemv-experiments-*.md).
+`L1::evict_first` ones, ran 0-2 % faster on every S2 shape (benchmarks/results/nf4-gemv-experiments-*.md). The
+order of the PTX moves ptxas as much: each row's units before the next row's (for 4096x2560 also the loads issued
+row by row) ran 3-5 % faster on 6144x2560, 4096x2560 and 2560x9728, given a register cap that keeps the launch
+to one wave where needed, and 10-40 % slower on the other shapes: a plan names its order, the chooser times it.
 
 Layout (bitsandbytes' packed rows, read as int32 words; see gemv_nf4.py): each lane owns 16-column units
 u = lane + 32 i of a row (one 8-byte load of two words, two 16-byte loads of bf16 x, one block scale) and keeps
@@ -38,21 +41,36 @@ WARP_COLUMNS = 32 * UNIT  # columns one warp covers per unit step
 @dataclass(frozen=True)
 class Plan:
     """`rows` output rows per work item (1 or 2), `warps` per program splitting K, `per_sm` programs per SM,
-    `chains`: independent fp32 sums a unit's 16 products are split over (1, 2 or 4)."""
+    `chains`: independent fp32 sums a unit's 16 products are split over (1, 2 or 4); `rows_first`: the PTX computes
+    each row's units before the next row's (else unit by unit, all rows); `loads_by_row`: it issues the weight loads
+    row by row (else unit by unit); `max_registers`: a cap for ptxas (None: its own choice)."""
 
     rows: int
     warps: int
     per_sm: int
     chains: int = 1
+    rows_first: bool = False
+    loads_by_row: bool = False
+    max_registers: int | None = None
 
     def fits(self, k: int) -> bool:
         return k % (self.warps * WARP_COLUMNS) == 0
 
 
 # The configurations that won an S2 shape in sweeps on an H100 (rows 1-4, 1-4 warps, 4-32 programs per SM, 1-4
-# chains): 4096x2560 at 16/SM, 9728x2560 at 20, 6144x2560 at 24 with 2 chains (64 registers: 24 fit on an SM),
-# 2560x4096 with K split over 2 warps. ptxas schedules each differently; the chooser times them per shape.
-PLANS: tuple[Plan, ...] = (Plan(2, 1, 16), Plan(2, 1, 20), Plan(2, 1, 24, chains=2), Plan(2, 2, 16))
+# chains, the PTX orders, register caps): 9728x2560 at 20/SM; 2560x4096 with K split over 2 warps; 6144x2560 at
+# 24/SM with 2 chains, rows first and at most 80 registers (24 warps of 80 fit on an SM: one wave); 4096x2560 at
+# 16/SM with rows first and loads by row (ptxas takes 128 registers and issues most loads up front: 16 warps/SM,
+# one wave); 2560x9728 at 10/SM, 2 chains, rows first, at most 128 registers (uncapped: 5 % slower). ptxas
+# schedules each order differently and the winners differ by shape (10-40 % between them), so the chooser times
+# them per shape.
+PLANS: tuple[Plan, ...] = (
+    Plan(2, 1, 20),
+    Plan(2, 2, 16),
+    Plan(2, 1, 24, chains=2, rows_first=True, max_registers=80),
+    Plan(2, 1, 16, rows_first=True, loads_by_row=True),
+    Plan(2, 1, 10, chains=2, rows_first=True, max_registers=128),
+)
 
 
 def accepts(x: torch.Tensor, k: int, blocksize: int) -> bool:
@@ -62,8 +80,10 @@ def accepts(x: torch.Tensor, k: int, blocksize: int) -> bool:
 
 
 @functools.cache
-def row_slice_ptx(k: int, blocksize: int, rows: int, scale_f32: bool, chains: int = 1) -> str:
-    """PTX for one lane over a K-column slice of `rows` rows; a unit's products summed in `chains` chains.
+def row_slice_ptx(k: int, blocksize: int, rows: int, scale_f32: bool, chains: int = 1, rows_first: bool = False,
+                  loads_by_row: bool = False) -> str:
+    """PTX for one lane over a K-column slice of `rows` rows; a unit's products summed in `chains` chains, the
+    loads and the arithmetic in the orders of Plan's `loads_by_row` and `rows_first`.
 
     Operands: $0..$rows-1 the fp32 partial sums (out); then x (this lane's first unit), the code table, and per row
     its packed words and scales (this lane's first unit).
@@ -71,56 +91,72 @@ def row_slice_ptx(k: int, blocksize: int, rows: int, scale_f32: bool, chains: in
     units = k // WARP_COLUMNS
     scale_bytes = 4 if scale_f32 else 2
     x_ptr, code_ptr = f"${rows}", f"${rows + 1}"
+    unit_major = [(i, r) for i in range(units) for r in range(rows)]
+    row_major = [(i, r) for r in range(rows) for i in range(units)]
     lines = ["{", ".reg .u32 lane;", ".reg .u64 ta;", ".reg .b32 tbl;",
              ".reg .f32 " + ", ".join(f"acc{r}" for r in range(rows)) + ";",
-             f".reg .b32 w<{2 * units * rows}>, s<{units * rows}>;",
+             f".reg .b32 w<{2 * units * rows}>, s<{units * rows}>" + (f", p<{8 * units}>;" if rows_first else ";"),
              "mov.u32 lane, %laneid;", "and.b32 lane, lane, 15;", "mul.wide.u32 ta, lane, 4;",
              f"add.u64 ta, ta, {code_ptr};", "ld.global.nc.b32 tbl, [ta];"]
     if not scale_f32:
         lines.append(f".reg .b16 h<{units * rows}>;")
     lines += [f"mov.f32 acc{r}, 0f00000000;" for r in range(rows)]
-    for i in range(units):  # every weight load first in the PTX; ptxas moves some later (module docstring)
-        for r in range(rows):
-            u, words, scales = i * rows + r, f"${rows + 2 + 2 * r}", f"${rows + 3 + 2 * r}"
-            lines.append(f"ld.global.lu.v2.b32 {{w{2 * u}, w{2 * u + 1}}}, [{words}+{8 * 32 * i}];")
-            offset = WARP_COLUMNS * i // blocksize * scale_bytes
-            lines.append(f"ld.global.nc.b32 s{u}, [{scales}+{offset}];" if scale_f32
-                         else f"ld.global.nc.b16 h{u}, [{scales}+{offset}];")
-    for i in range(units):
-        sums = [f"sum{c}" for c in range(chains)]
-        lines += ["{", ".reg .b32 p<8>, xl<8>, xh<8>, n<16>, v<16>, sf;", f".reg .f32 {', '.join(sums)};",
-                  f"ld.global.nc.v4.b32 {{p0, p1, p2, p3}}, [{x_ptr}+{2 * WARP_COLUMNS * i}];",
-                  f"ld.global.nc.v4.b32 {{p4, p5, p6, p7}}, [{x_ptr}+{2 * WARP_COLUMNS * i + 16}];"]
+    for i, r in row_major if loads_by_row else unit_major:  # every weight load first; ptxas moves some later
+        u, words, scales = i * rows + r, f"${rows + 2 + 2 * r}", f"${rows + 3 + 2 * r}"
+        lines.append(f"ld.global.lu.v2.b32 {{w{2 * u}, w{2 * u + 1}}}, [{words}+{8 * 32 * i}];")
+        offset = WARP_COLUMNS * i // blocksize * scale_bytes
+        lines.append(f"ld.global.nc.b32 s{u}, [{scales}+{offset}];" if scale_f32
+                     else f"ld.global.nc.b16 h{u}, [{scales}+{offset}];")
+    # Rows first, unit i's x stays in p[8i..8i+7] for its other rows. Unit by unit, each unit's block loads x into
+    # registers of its own: ptxas schedules that form 10-15 % faster on 9728x2560 and 4096x2560 than x held in
+    # registers of the whole slice (the same instructions otherwise).
+    blocks = [[(i, r)] for i, r in row_major] if rows_first else [[(i, r) for r in range(rows)] for i in range(units)]
+    sums = [f"sum{c}" for c in range(chains)]
+    for block in blocks:
+        i = block[0][0]
+        p = [f"p{8 * i + j}" for j in range(8)] if rows_first else [f"p{j}" for j in range(8)]
+        lines += ["{", ".reg .b32 " + ("" if rows_first else "p<8>, ") + "xl<8>, xh<8>, n<16>, v<16>, sf;",
+                  f".reg .f32 {', '.join(sums)};"]
+        if block[0][1] == 0:  # the unit's first row loads its 16 bf16 of x
+            lines += [f"ld.global.nc.v4.b32 {{{', '.join(p[:4])}}}, [{x_ptr}+{2 * WARP_COLUMNS * i}];",
+                      f"ld.global.nc.v4.b32 {{{', '.join(p[4:])}}}, [{x_ptr}+{2 * WARP_COLUMNS * i + 16}];"]
         for j in range(8):  # bf16 pair j: column 2j in the low half, 2j + 1 in the high half
-            lines += [f"shl.b32 xl{j}, p{j}, 16;", f"and.b32 xh{j}, p{j}, 0xffff0000;"]
-        for r in range(rows):
-            u = i * rows + r
-            for wi in range(2):
-                for b in range(8):  # nibble b of word wi -> v[8 wi + b]
-                    index = f"w{2 * u + wi}"
-                    if b:
-                        lines.append(f"shr.b32 n{8 * wi + b}, {index}, {4 * b};")
-                        index = f"n{8 * wi + b}"
-                    lines.append(f"shfl.sync.idx.b32 v{8 * wi + b}, tbl, {index}, 0x1f, 0xffffffff;")
-            # byte j of a word: its high nibble (b = 2j + 1) is column 2j, its low nibble column 2j + 1
-            products = []
-            for wi in range(2):
-                for j in range(4):
-                    high, low = f"v{8 * wi + 2 * j + 1}", f"v{8 * wi + 2 * j}"
-                    products += [(high, f"xl{4 * wi + j}"), (low, f"xh{4 * wi + j}")]
-            for j, (v, x) in enumerate(products):  # product j into chain j % chains
-                acc = sums[j % chains]
-                lines.append(f"mul.f32 {acc}, {v}, {x};" if j < chains else f"fma.rn.f32 {acc}, {v}, {x}, {acc};")
-            lines += [f"add.f32 sum0, sum0, {acc};" for acc in sums[1:]]
-            scale = f"s{u}"
-            if not scale_f32:
-                lines.append(f"cvt.f32.f16 sf, h{u};")
-                scale = "sf"
-            lines.append(f"fma.rn.f32 acc{r}, sum0, {scale}, acc{r};")
+            lines += [f"shl.b32 xl{j}, {p[j]}, 16;", f"and.b32 xh{j}, {p[j]}, 0xffff0000;"]
+        for i, r in block:
+            lines += _row_unit_ptx(i * rows + r, r, sums, scale_f32)
         lines.append("}")
     lines += [f"mov.b32 ${r}, acc{r};" for r in range(rows)]
     lines.append("}")
     return "\n".join(lines)
+
+
+def _row_unit_ptx(u: int, r: int, sums: list[str], scale_f32: bool) -> list[str]:
+    """Row r's part of a unit: 16 lookups from its words w[2u], w[2u + 1], their products with x (xl, xh) summed
+    in the chains `sums`, scaled by s[u] (or h[u]) into acc[r]."""
+    lines = []
+    for wi in range(2):
+        for b in range(8):  # nibble b of word wi -> v[8 wi + b]
+            index = f"w{2 * u + wi}"
+            if b:
+                lines.append(f"shr.b32 n{8 * wi + b}, {index}, {4 * b};")
+                index = f"n{8 * wi + b}"
+            lines.append(f"shfl.sync.idx.b32 v{8 * wi + b}, tbl, {index}, 0x1f, 0xffffffff;")
+    # byte j of a word: its high nibble (b = 2j + 1) is column 2j, its low nibble column 2j + 1
+    products = []
+    for wi in range(2):
+        for j in range(4):
+            high, low = f"v{8 * wi + 2 * j + 1}", f"v{8 * wi + 2 * j}"
+            products += [(high, f"xl{4 * wi + j}"), (low, f"xh{4 * wi + j}")]
+    for j, (v, x) in enumerate(products):  # product j into chain j % chains
+        acc = sums[j % len(sums)]
+        lines.append(f"mul.f32 {acc}, {v}, {x};" if j < len(sums) else f"fma.rn.f32 {acc}, {v}, {x}, {acc};")
+    lines += [f"add.f32 sum0, sum0, {acc};" for acc in sums[1:]]
+    scale = f"s{u}"
+    if not scale_f32:
+        lines.append(f"cvt.f32.f16 sf, h{u};")
+        scale = "sf"
+    lines.append(f"fma.rn.f32 acc{r}, sum0, {scale}, acc{r};")
+    return lines
 
 
 @triton.jit
@@ -143,7 +179,7 @@ def _gemv_nf4_ptx_kernel(
     QBLOCK: tl.constexpr,
     ROWS: tl.constexpr,
     WARPS: tl.constexpr,
-    ASM: tl.constexpr,  # row_slice_ptx(K // WARPS, QBLOCK, ROWS, fp32 scales, chains)
+    ASM: tl.constexpr,  # row_slice_ptx(K // WARPS, QBLOCK, ROWS, fp32 scales, the plan's chains and orders)
 ):
     I32: tl.constexpr = tl.pointer_type(tl.int32)
     SLICE: tl.constexpr = K // WARPS
@@ -183,8 +219,10 @@ def gemv_nf4_ptx(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor, cod
     assert accepts(x, k, blocksize) and plan.fits(k) and x.shape == (k,)
     assert absmax.dtype in (torch.float16, torch.float32) and absmax.is_contiguous() and words.is_contiguous()
     y = torch.empty(n, dtype=x.dtype, device=x.device)
-    asm = row_slice_ptx(k // plan.warps, blocksize, plan.rows, absmax.dtype == torch.float32, plan.chains)
+    asm = row_slice_ptx(k // plan.warps, blocksize, plan.rows, absmax.dtype == torch.float32, plan.chains,
+                        plan.rows_first, plan.loads_by_row)
     programs = min(triton.cdiv(n, plan.rows), _sm_count(x.device.index or 0) * plan.per_sm)
+    cap = {"maxnreg": plan.max_registers} if plan.max_registers else {}
     _gemv_nf4_ptx_kernel[(programs,)](x, words, absmax, code, y, n, k, QBLOCK=blocksize, ROWS=plan.rows,
-                                      WARPS=plan.warps, ASM=asm, num_warps=plan.warps)
+                                      WARPS=plan.warps, ASM=asm, num_warps=plan.warps, **cap)
     return y
