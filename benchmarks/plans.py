@@ -147,15 +147,15 @@ def main() -> None:
         f"- command: `python benchmarks/plans.py --frames {args.frames}`",
         "- each row: a fresh process; quantize while loading (no pre-quantized store); decode-only codec in bf16; "
         f"the planned context of 4 096 tokens filled: a reference as long as fits beside the text and the {args.frames} "
-        "frames, generated eagerly and decoded",
+        "frames, generated (one CUDA graph replay per frame, the default; the NF4 plan with host-RAM embeddings "
+        "decodes eagerly) and decoded",
         "- the CUDA allocator runs with expandable segments, as the CLI sets it\n"
         "- predicted = the planner's total minus its CUDA-context term; compared with torch's peak reserved memory "
         "(what the card holds) and peak allocated memory (what tensors use). "
         "'in use before' = total - free on the card right after CUDA initialisation (context and whatever else "
         "holds the GPU). GiB = 2^30 bytes",
         "- first run ms/frame: the first generation of the process, prefill included (kernel autotuning and warm-up "
-        "too); warm ms/frame: a second generation of the same prompt, per frame after the first (eager: one launch "
-        "per operation, no CUDA graph)\n"
+        "and graph capture too); warm ms/frame: a second generation of the same prompt, per frame after the first\n"
         "- the first run is not a "
         "speed measurement",
         "",

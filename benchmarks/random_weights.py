@@ -11,7 +11,7 @@ def never_stop(model: DualAR) -> None:
 
     def head_without_stop(hidden):
         logits = real(hidden)
-        logits[..., 0] = -1e4  # legal row 0 is <|im_end|>
+        logits[..., 0].fill_(-1e4)  # legal row 0 is <|im_end|>; fill_, not a host copy: capturable
         return logits
 
     model.head_logits = head_without_stop

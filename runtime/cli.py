@@ -130,6 +130,8 @@ def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], num_codebo
 @click.option("--force", is_flag=True, help="Take a forced --precision even if it is predicted not to fit.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path.home() / ".cache" / "s2edge",
               show_default=True, help="Where quantized weights are saved once and reloaded on later runs.")
+@click.option("--no-cuda-graph", is_flag=True,
+              help="On a GPU, decode frame by frame eagerly instead of replaying one captured CUDA graph per frame.")
 def synthesize(
     checkpoint: Path,
     text: str | None,
@@ -155,11 +157,13 @@ def synthesize(
     vram_budget: str | None,
     force: bool,
     cache_dir: Path,
+    no_cuda_graph: bool,
 ) -> None:
     """Speak the text in the voice of the reference(s); write the codes and, with -o, the audio."""
     text = _read_text(text, text_file)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, max_context=max_context)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, max_context=max_context,
+                              cuda_graph=not no_cuda_graph)
     target = resolve_device(device)
     header = open_checkpoint(checkpoint)
     library = VoiceLibrary(voices_dir)

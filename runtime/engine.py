@@ -1,8 +1,8 @@
 """Generation: prefill the prompt, then one frame at a time (slow step, legal-row head, semantic draw with RAS,
 10 fast-AR passes) until <|im_end|> or the frame budget.
 
-Generation logic lives here, separate from the model (gpt-fast style). This is the eager path used on the CPU
-and as the reference for graph-captured decoding.
+Generation logic lives here, separate from the model (gpt-fast style). The frame loop below is the eager path,
+used on the CPU and as the reference for the graph-captured loop that a GPU runs (decode.FrameLoop).
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from typing import Callable
 
 import torch
 
+from runtime.decode import FrameLoop, decode_frame
 from runtime.errors import InputError
 from runtime.model import DualAR
 from runtime.prompt import Reference, build_prompt
-from runtime.sampling import RAS_WINDOW, SamplingParams, sample, sample_semantic
+from runtime.sampling import RAS_WINDOW, SamplingParams
 from runtime.tokenizer import Tokenizer
 
 CAPACITY_BUCKET = 256  # KV-cache sizes are rounded up to this so similar requests reuse one allocation
@@ -27,6 +28,7 @@ class GenerationConfig:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None
     max_context: int | None = None  # prompt + frames at most (the KV cache a memory plan reserved); None: the model's
+    cuda_graph: bool = True  # on a GPU, decode each frame as one replay of a captured CUDA graph (decode.py)
 
 
 @dataclass
@@ -57,24 +59,11 @@ def bucket(n: int) -> int:
     return -(-n // CAPACITY_BUCKET) * CAPACITY_BUCKET
 
 
-def decode_frame(
-    model: DualAR,
-    hidden: torch.Tensor,
-    window: torch.Tensor,
-    params: SamplingParams,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """From the slow AR's normed hidden [1, D] to one frame column [1 + num_codebooks]: [token, c0, ..., c9]."""
-    c = model.config
-    token = sample_semantic(model.head_logits(hidden)[0], model.legal_ids, window, params, generator)
-    code = (token - c.semantic_begin_id).clamp(0, c.codebook_size - 1)
-    codes = [code]
-    model.forward_fast(hidden.view(1, 1, -1), 0)  # position 0 primes the fast cache; its logits are unused
-    for k in range(1, c.num_codebooks):
-        h = model.forward_fast(model.fast_embeddings(code).view(1, 1, -1), k)
-        code = sample(model.fast_logits(h)[0, 0], params, generator)
-        codes.append(code)
-    return torch.stack([token, *codes])
+def graph_decoding(model: DualAR, config: GenerationConfig) -> bool:
+    """Frames by CUDA graph replay (decode.FrameLoop): asked for, on a GPU, and every weight the step reads on it
+    (with the text-embedding table in host RAM, the slow step's lookup is a host round trip: eager then)."""
+    device = model.legal_ids.device
+    return config.cuda_graph and device.type == "cuda" and model.embeddings.weight.device == device
 
 
 @torch.inference_mode()
@@ -96,26 +85,39 @@ def generate(
         model.setup_caches(capacity, dtype, device)
     generator = torch.Generator(device)
     generator.manual_seed(config.seed if config.seed is not None else torch.seed())
-    window = torch.zeros(RAS_WINDOW, dtype=torch.int64, device=device)
-    im_end = model.config.im_end_id
 
     hidden = model.forward_slow(prompt[None].to(device), 0)[:, -1]  # [1, D]
+    if graph_decoding(model, config):
+        loop = FrameLoop(model, hidden, prompt_len, budget, config.sampling, generator)
+        columns, stopped = loop.run(on_frame, capture=device.type == "cuda")
+    else:
+        columns, stopped = eager_frames(model, hidden, prompt_len, budget, config.sampling, generator, on_frame)
+    return Generation(codes=columns[1:].cpu(), stopped=stopped, prompt_tokens=prompt_len)
+
+
+def eager_frames(model: DualAR, hidden: torch.Tensor, prompt_len: int, budget: int, params: SamplingParams,
+                 generator: torch.Generator, on_frame: Callable[[int], None] | None) -> tuple[torch.Tensor, bool]:
+    """The reference frame loop: positions as Python ints, K/V read up to the position, a host check per frame.
+    -> (frames [1 + num_codebooks, n] without the <|im_end|> frame, stopped)."""
+    window = torch.zeros(RAS_WINDOW, dtype=torch.int64, device=hidden.device)
     frames: list[torch.Tensor] = []
-    stopped = False
     for i in range(budget):
-        frame = decode_frame(model, hidden, window, config.sampling, generator)
+        frame = decode_frame(model, hidden, window, params, generator)
         if on_frame is not None:
             on_frame(i)
-        if int(frame[0]) == im_end:
-            stopped = True
-            break
+        if int(frame[0]) == model.config.im_end_id:
+            return _columns(model, frames), True
         frames.append(frame)
         window[i % RAS_WINDOW] = frame[0]
         if i + 1 < budget:
             hidden = model.forward_slow(frame.view(1, -1, 1), prompt_len + i)[:, -1]
-    n = model.config.num_codebooks
-    codes = torch.stack(frames, dim=1)[1:] if frames else torch.zeros(n, 0, dtype=torch.int64)
-    return Generation(codes=codes.cpu(), stopped=stopped, prompt_tokens=prompt_len)
+    return _columns(model, frames), False
+
+
+def _columns(model: DualAR, frames: list[torch.Tensor]) -> torch.Tensor:
+    if not frames:
+        return torch.zeros(1 + model.config.num_codebooks, 0, dtype=torch.int64)
+    return torch.stack(frames, dim=1)
 
 
 @dataclass

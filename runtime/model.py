@@ -6,18 +6,30 @@ modules. Numerics follow the reference (spec sections 2-3): block RMSNorm rounds
 audio positions embed as (token + 10 codebook rows) / sqrt(11), and the fast AR reads the *normed* slow hidden.
 
 Unlike the reference, the KV cache is sized to the request and attention reads only the valid prefix, and GQA
-is left to SDPA (`enable_gqa`) instead of copying K/V four times.
+is left to SDPA (`enable_gqa`) instead of copying K/V four times. A slow step at a position held on the device
+(`DevicePosition`: what a captured CUDA graph replays frame after frame) writes K/V with `index_copy_` and attends
+over the whole cache through a mask instead.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from runtime.config import ModelConfig, StackConfig
+
+
+@dataclass(frozen=True)
+class DevicePosition:
+    """One slow-AR position as device tensors, so the same kernels serve every position: `index` [1] int64 and
+    `visible` [1, capacity] bool, the cache slots at or before it (SDPA's mask for the one query)."""
+
+    index: torch.Tensor
+    visible: torch.Tensor
 
 
 class RMSNorm(nn.Module):
@@ -70,8 +82,14 @@ class KVCache(nn.Module):
     def capacity(self) -> int:
         return self.k.shape[2]
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [1, kv_heads, T, D] at positions start..start+T-1; return the valid prefix views."""
+    def update(self, start: int | DevicePosition, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [1, kv_heads, T, D] at positions start..start+T-1; return the valid prefix views (the whole
+        cache for a device position, T = 1)."""
+        if isinstance(start, DevicePosition):
+            self.k.index_copy_(2, start.index, k)
+            self.v.index_copy_(2, start.index, v)
+            return self.k, self.v
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
@@ -88,7 +106,7 @@ class Attention(nn.Module):
         self.k_norm = HeadNorm(stack.head_dim, eps) if stack.qk_norm else None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start: int | DevicePosition) -> torch.Tensor:
         b, t, _ = x.shape
         hd = self.head_dim
         q, k, v = self.wqkv(x).split([self.n_head * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
@@ -100,6 +118,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (y.transpose(1, 2) for y in (q, k, v))  # [B, H, T, D]
         k, v = self.kv_cache.update(start, k, v)  # [B, 8, start+T, D]: the valid prefix only
+        if isinstance(start, DevicePosition):  # k, v: the whole cache [B, 8, capacity, D]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=start.visible, enable_gqa=True)
+            return self.wo(y.transpose(1, 2).reshape(b, t, self.n_head * hd))
         mask = None
         if t > 1 and start > 0:  # a chunk after earlier positions: causal within, full over the past
             pos = torch.arange(start + t, device=x.device)
@@ -127,7 +148,7 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(stack.dim, eps)
         self.ffn_norm = RMSNorm(stack.dim, eps)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start: int | DevicePosition) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope, start)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -159,6 +180,7 @@ class DualAR(nn.Module):
         self.head: nn.Linear | None = None  # rows of `embeddings` at legal_ids, built by build_head()
         self.rope: torch.Tensor | None = None
         self.fast_rope: torch.Tensor | None = None
+        self.cache_slots: torch.Tensor | None = None  # arange(capacity): masks the cache for a device position
 
     # ----- setup --------------------------------------------------------------------------------------------
     def build_head(self) -> None:
@@ -178,6 +200,7 @@ class DualAR(nn.Module):
             layer.attention.kv_cache = KVCache(c.fast.n_local_heads, c.num_codebooks, c.fast.head_dim, dtype, device)
         self.rope = rope_table(capacity, c.slow.head_dim, c.rope_base).to(device)
         self.fast_rope = rope_table(c.num_codebooks, c.fast.head_dim, c.rope_base).to(device)
+        self.cache_slots = torch.arange(capacity, device=device)
 
     @property
     def capacity(self) -> int:
@@ -195,10 +218,17 @@ class DualAR(nn.Module):
         is_audio = ((ids >= c.semantic_begin_id) & (ids <= c.semantic_end_id))[..., None]
         return torch.where(is_audio, (x + vq) / math.sqrt(c.num_codebooks + 1), x)
 
-    def forward_slow(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """Run the slow AR over T new positions starting at `start`; returns the normed hidden [B, T, D]."""
+    def forward_slow(self, tokens: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """Run the slow AR over T new positions starting at `start`; returns the normed hidden [B, T, D].
+
+        `start` may be a [1] int64 tensor on the device (T = 1): no host value, so the step can be graph-captured.
+        """
         x = self.embed(tokens)
-        rope = self.rope[start : start + x.shape[1]]
+        if isinstance(start, torch.Tensor):
+            rope = self.rope.index_select(0, start)
+            start = DevicePosition(start, (self.cache_slots <= start)[None])  # [1 query, capacity]
+        else:
+            rope = self.rope[start : start + x.shape[1]]
         for layer in self.layers:
             x = layer(x, rope, start)
         return self.norm(x)

@@ -49,7 +49,7 @@ def filter_top(logits: torch.Tensor, top_p: float, top_k: int) -> tuple[torch.Te
     values, indices = logits.topk(min(top_k, logits.shape[-1]), dim=-1)  # [..., K], descending
     cum = (values - logits.logsumexp(dim=-1, keepdim=True)).exp().cumsum(dim=-1)
     drop = cum > top_p
-    drop[..., 0] = False
+    drop[..., 0].fill_(False)  # a kernel argument, not a host-to-device copy: CUDA-graph capturable
     return values.masked_fill(drop, float("-inf")), indices
 
 
@@ -79,7 +79,8 @@ def sample_semantic(
     window: the last RAS_WINDOW slow tokens (zeros before any), compared against the normal draw.
     Returns token ids [...]. Index 0 of legal_ids is <|im_end|>, which RAS never replaces.
     """
-    normal = legal_ids[sample(logits, params, generator)]
-    high = legal_ids[sample(logits, params.ras_fallback(), generator)]
+    # take(), not legal_ids[index]: a 0-dim index tensor would be read back to the host (no CUDA-graph capture)
+    normal = legal_ids.take(sample(logits, params, generator))
+    high = legal_ids.take(sample(logits, params.ras_fallback(), generator))
     repeated = (window == normal[..., None]).any(dim=-1) & (normal != legal_ids[0])
     return torch.where(repeated, high, normal)

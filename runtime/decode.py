@@ -1,0 +1,106 @@
+"""Decoding frames: one frame from the slow AR's hidden state, and the loop over frames as one CUDA graph replay each.
+
+Eager decoding launches thousands of kernels per frame (36 slow layers, the 4 097-row head, two semantic draws,
+10 fast passes of 4 layers) and is bound by launch latency, not by the GPU. What makes the step capturable: every
+value that changes from frame to frame is a device tensor that the step itself updates (the slow position, the
+frame counter, the RAS window, the hidden state); the slow step writes its K/V with `index_copy_` and attends over
+the whole cache through a mask (model.DevicePosition); sampling never syncs with the host (sampling.py); and the
+random draws come from a generator registered with the graph. The host reads the frames every `check_every`
+frames to find <|im_end|>; frames decoded after it are dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from runtime.errors import ResourceError
+from runtime.model import DualAR
+from runtime.sampling import RAS_WINDOW, SamplingParams, sample, sample_semantic
+
+
+def decode_frame(
+    model: DualAR,
+    hidden: torch.Tensor,
+    window: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """From the slow AR's normed hidden [1, D] to one frame column [1 + num_codebooks]: [token, c0, ..., c9]."""
+    c = model.config
+    token = sample_semantic(model.head_logits(hidden)[0], model.legal_ids, window, params, generator)
+    code = (token - c.semantic_begin_id).clamp(0, c.codebook_size - 1)
+    codes = [code]
+    model.forward_fast(hidden.view(1, 1, -1), 0)  # position 0 primes the fast cache; its logits are unused
+    for k in range(1, c.num_codebooks):
+        h = model.forward_fast(model.fast_embeddings(code).view(1, 1, -1), k)
+        code = sample(model.fast_logits(h)[0, 0], params, generator)
+        codes.append(code)
+    return torch.stack([token, *codes])
+
+
+class FrameLoop:
+    """Decodes up to `budget` frames after a prefill whose last normed hidden [1, D] is `hidden`.
+
+    step(): frame i from the hidden state (semantic draw with RAS, 10 fast passes), stored in `frames[:, i]`, then
+    the slow step at position prompt_len + i for frame i + 1 (run after the last frame too: the cache holds
+    prompt_len + budget positions, so it is in range and simply unused).
+    """
+
+    check_every = 16  # frames between host checks for <|im_end|>: at most 15 frames decoded in vain
+
+    def __init__(self, model: DualAR, hidden: torch.Tensor, prompt_len: int, budget: int, params: SamplingParams,
+                 generator: torch.Generator) -> None:
+        device = hidden.device
+        self.model, self.params, self.generator, self.budget = model, params, generator, budget
+        self.hidden = hidden.clone()  # [1, D]
+        self.position = torch.tensor([prompt_len], device=device)  # the next slow step's position
+        self.count = torch.zeros(1, dtype=torch.int64, device=device)  # frames decoded so far
+        self.window = torch.zeros(RAS_WINDOW, dtype=torch.int64, device=device)  # the last semantic tokens
+        self.frames = torch.zeros(1 + model.config.num_codebooks, budget, dtype=torch.int64, device=device)
+
+    def step(self) -> None:
+        frame = decode_frame(self.model, self.hidden, self.window, self.params, self.generator)  # [11]
+        self.frames.index_copy_(1, self.count, frame[:, None])
+        self.window.index_copy_(0, self.count % RAS_WINDOW, frame[:1])
+        self.hidden.copy_(self.model.forward_slow(frame.view(1, -1, 1), self.position)[:, -1])
+        self.position += 1
+        self.count += 1
+
+    def run(self, on_frame: Callable[[int], None] | None, capture: bool) -> tuple[torch.Tensor, bool]:
+        """Decode until <|im_end|> or the budget -> (frames [1 + num_codebooks, n] without the <|im_end|> frame,
+        stopped). `capture`: the first frame eagerly (it also warms up kernels and autotuners), the others as
+        replays of a graph captured after it; otherwise every frame eagerly through the same step."""
+        replay = self.step
+        done = 0
+        im_end = self.model.config.im_end_id
+        while done < self.budget:
+            chunk = 1 if done == 0 else min(self.check_every, self.budget - done)
+            for _ in range(chunk):
+                replay()
+            if done == 0 and capture:  # before the first check: progress reports then come after the capture
+                replay = self.capture().replay
+            first, done = done, done + chunk
+            stops = (self.frames[0, first:done] == im_end).nonzero()  # the host waits here, once per chunk
+            end = first + int(stops[0, 0]) if stops.numel() else done
+            if on_frame is not None:
+                for i in range(first, min(end + 1, done)):
+                    on_frame(i)
+            if stops.numel():
+                return self.frames[:, :end], True
+        return self.frames, False
+
+    def capture(self) -> torch.cuda.CUDAGraph:
+        """Capture one step (after an eager one: nothing is compiled or autotuned inside the capture)."""
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(self.generator)
+        try:
+            with torch.cuda.graph(graph):
+                self.step()
+        except RuntimeError as exc:  # an operation this GPU, driver or torch build cannot capture
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ResourceError(f"could not capture the decode step as a CUDA graph ({reason}); "
+                                "run with --no-cuda-graph") from exc
+        return graph

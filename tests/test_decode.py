@@ -1,0 +1,112 @@
+"""The device-position frame loop (what a GPU captures as one CUDA graph per frame) against the eager reference loop:
+the slow step at a device position, whole frame sequences with sampling and RAS, stopping, budgets, progress; and
+on a GPU the captured graph against the same loop run eagerly."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from runtime import engine
+from runtime.engine import GenerationConfig, generate
+from runtime.loader import load_model
+from runtime.sampling import SamplingParams
+from test_model import frames_sequence
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture()
+def model64(tiny_checkpoint):
+    """The tiny model in float64: the two loops' attention sums differ in rounding only, far below a float32 ulp of
+    the logits that sampling reads, so their draws must agree exactly."""
+    return load_model(tiny_checkpoint, torch.device("cpu"), torch.float64).model
+
+
+def frame_loop(monkeypatch) -> None:
+    """Make generate() take the device-position loop (FrameLoop; not captured on the CPU)."""
+    monkeypatch.setattr(engine, "graph_decoding", lambda model, config: True)
+
+
+def test_slow_step_at_a_device_position_equals_the_int_position(tiny_model):
+    model = tiny_model.model
+    tokens = frames_sequence(model.config, 9, 3, seed=4)
+    with torch.inference_mode():
+        model.setup_caches(64, torch.float32, "cpu")
+        model.forward_slow(tokens[..., :10], 0)
+        by_int = model.forward_slow(tokens[..., 10:11], 10)
+        k_int = model.layers[0].attention.kv_cache.k.clone()
+        model.setup_caches(64, torch.float32, "cpu")
+        model.forward_slow(tokens[..., :10], 0)
+        by_tensor = model.forward_slow(tokens[..., 10:11], torch.tensor([10]))
+        k_tensor = model.layers[0].attention.kv_cache.k
+        wrong_place = model.forward_slow(tokens[..., 10:11], torch.tensor([11]))  # negative control
+    torch.testing.assert_close(by_tensor, by_int, atol=1e-6, rtol=1e-6)
+    assert torch.equal(k_tensor[:, :, :11], k_int[:, :, :11]) and not k_int[:, :, 11:].any()
+    assert (wrong_place - by_int).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(0.8, 0.8, 30), SamplingParams(1.0, 0.9, 5)], ids=str)
+def test_frame_loop_decodes_what_the_eager_loop_decodes(model64, monkeypatch, sampling):
+    """Same seed, same frames: the semantic draws with RAS, the window kept on the device, the 10 fast draws."""
+    prompt = frames_sequence(model64.config, 6, 3, seed=2)[0]
+    cfg = GenerationConfig(max_new_tokens=24, sampling=sampling, seed=3)
+    eager = generate(model64, prompt, cfg)
+    frame_loop(monkeypatch)
+    device_loop = generate(model64, prompt, cfg)
+    other_seed = generate(model64, prompt, GenerationConfig(max_new_tokens=24, sampling=sampling, seed=4))
+    assert eager.codes.shape[1] >= 8
+    assert torch.equal(device_loop.codes, eager.codes) and device_loop.stopped == eager.stopped
+    assert not torch.equal(other_seed.codes, eager.codes)
+
+
+@pytest.mark.parametrize("budget, stop_at", [(30, 5), (7, None), (30, 0)])
+def test_frame_loop_stops_at_im_end_and_reports_each_frame(model64, monkeypatch, budget, stop_at):
+    """<|im_end|> at frame `stop_at` (checked every 4 frames: frames decoded after it are dropped) or the budget;
+    progress reported for the same frames as the eager loop."""
+    model = model64
+    real_head = model.head_logits
+    calls = {"n": 0}
+
+    def head(hidden):
+        logits = real_head(hidden)
+        logits[..., 0] = 1e4 if calls["n"] == stop_at else -1e4
+        calls["n"] += 1
+        return logits
+
+    monkeypatch.setattr(model, "head_logits", head)
+    prompt = frames_sequence(model.config, 5, 0)[0]
+    cfg = GenerationConfig(max_new_tokens=budget, seed=0)
+    runs = {}
+    for name in ("eager", "frame loop"):
+        if name == "frame loop":
+            frame_loop(monkeypatch)
+            monkeypatch.setattr(engine.FrameLoop, "check_every", 4)
+        calls["n"], seen = 0, []
+        runs[name] = generate(model, prompt, cfg, on_frame=seen.append), seen
+    (eager, eager_seen), (loop, loop_seen) = runs["eager"], runs["frame loop"]
+    expected = budget if stop_at is None else stop_at
+    assert loop.codes.shape == eager.codes.shape == (10, expected)
+    assert loop.stopped == eager.stopped == (stop_at is not None)
+    assert loop_seen == eager_seen == list(range(expected + (stop_at is not None)))
+    assert torch.equal(loop.codes, eager.codes)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_captured_graph_replays_the_frame_loop(tiny_checkpoint, monkeypatch):
+    """On a GPU: one graph replay per frame decodes the frames the same loop decodes eagerly (greedy, in fp32: no
+    draw to differ and no ties for topk to break either way), and seeded runs repeat."""
+    model = load_model(tiny_checkpoint, torch.device("cuda"), torch.float32).model
+    prompt = frames_sequence(model.config, 6, 3, seed=2)[0]
+    greedy = GenerationConfig(max_new_tokens=40, sampling=SamplingParams(top_k=1), seed=0)
+    replayed = generate(model, prompt, greedy)
+    with monkeypatch.context() as patch:  # the same loop, every frame eagerly: "replay" runs the step
+        patch.setattr(engine.FrameLoop, "capture", lambda loop: SimpleNamespace(replay=loop.step))
+        eager = generate(model, prompt, greedy)
+    captured_runs = [generate(model, prompt, GenerationConfig(max_new_tokens=40, seed=s)) for s in (1, 1, 2)]
+    assert replayed.codes.shape[1] == 40 and torch.equal(replayed.codes, eager.codes)
+    assert torch.equal(captured_runs[0].codes, captured_runs[1].codes)
+    assert not torch.equal(captured_runs[0].codes, captured_runs[2].codes)
