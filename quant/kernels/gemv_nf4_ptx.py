@@ -43,7 +43,8 @@ class Plan:
     """`rows` output rows per work item (1 or 2), `warps` per program splitting K, `per_sm` programs per SM,
     `chains`: independent fp32 sums a unit's 16 products are split over (1, 2 or 4); `rows_first`: the PTX computes
     each row's units before the next row's (else unit by unit, all rows); `loads_by_row`: it issues the weight loads
-    row by row (else unit by unit); `max_registers`: a cap for ptxas (None: its own choice)."""
+    row by row (else unit by unit); `max_registers`: maxnreg for ptxas (None: its own choice, which may be
+    fewer registers than a cap would let it take)."""
 
     rows: int
     warps: int
@@ -59,11 +60,11 @@ class Plan:
 
 # The configurations that won an S2 shape in sweeps on an H100 (rows 1-4, 1-4 warps, 4-32 programs per SM, 1-4
 # chains, the PTX orders, register caps): 9728x2560 at 20/SM; 2560x4096 with K split over 2 warps; 6144x2560 at
-# 24/SM with 2 chains, rows first and at most 80 registers (24 warps of 80 fit on an SM: one wave); 4096x2560 at
-# 16/SM with rows first and loads by row (ptxas takes 128 registers and issues most loads up front: 16 warps/SM,
-# one wave); 2560x9728 at 10/SM, 2 chains, rows first, at most 128 registers (uncapped: 5 % slower). ptxas
-# schedules each order differently and the winners differ by shape (10-40 % between them), so the chooser times
-# them per shape.
+# 24/SM with 2 chains, rows first and maxnreg 80 (one wave; ptxas takes 80 registers without the cap too, but
+# schedules 7 % slower); 4096x2560 at 16/SM with rows first and loads by row (ptxas takes 128 registers and issues
+# most loads up front: 16 warps/SM, one wave); 2560x9728 at 10/SM, 2 chains, rows first, maxnreg 128 (ptxas then
+# takes 117 registers; left to its own choice it takes 80 and runs 5 % slower). ptxas schedules each order
+# differently and the winners differ by shape (10-40 % between them), so the chooser times them per shape.
 PLANS: tuple[Plan, ...] = (
     Plan(2, 1, 20),
     Plan(2, 2, 16),
@@ -108,7 +109,7 @@ def row_slice_ptx(k: int, blocksize: int, rows: int, scale_f32: bool, chains: in
         lines.append(f"ld.global.nc.b32 s{u}, [{scales}+{offset}];" if scale_f32
                      else f"ld.global.nc.b16 h{u}, [{scales}+{offset}];")
     # Rows first, unit i's x stays in p[8i..8i+7] for its other rows. Unit by unit, each unit's block loads x into
-    # registers of its own: ptxas schedules that form 10-15 % faster on 9728x2560 and 4096x2560 than x held in
+    # registers of its own: ptxas schedules that form 5-14 % faster on 4096x2560 and 9728x2560 than x held in
     # registers of the whole slice (the same instructions otherwise).
     blocks = [[(i, r)] for i, r in row_major] if rows_first else [[(i, r) for r in range(rows)] for i in range(units)]
     sums = [f"sum{c}" for c in range(chains)]
