@@ -33,6 +33,17 @@ def test_synthesize_is_deterministic_with_top_k_1(tiny_checkpoint, tmp_path):
     assert "codes [10," in first.stdout
 
 
+def test_no_cuda_graph_flag_reaches_the_generation_config(tiny_checkpoint, tmp_path, monkeypatch):
+    from runtime import cli
+
+    seen = []
+    real = cli.generate_batches
+    monkeypatch.setattr(cli, "generate_batches", lambda *a, **k: seen.append(a[4].cuda_graph) or real(*a, **k))
+    assert synth(tiny_checkpoint, tmp_path / "a.npy").exit_code == 0
+    assert synth(tiny_checkpoint, tmp_path / "b.npy", "--no-cuda-graph").exit_code == 0
+    assert seen == [True, False]
+
+
 def test_synthesize_keeps_within_max_context(tiny_checkpoint, tmp_path):
     """--max-context is the KV the plan reserved: frames are capped to fit it, and a prompt that fills it is a
     one-line error."""
