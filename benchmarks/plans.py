@@ -147,8 +147,7 @@ def main() -> None:
         f"- command: `python benchmarks/plans.py --frames {args.frames}`",
         "- each row: a fresh process; quantize while loading (no pre-quantized store); decode-only codec in bf16; "
         f"the planned context of 4 096 tokens filled: a reference as long as fits beside the text and the {args.frames} "
-        "frames, generated (one CUDA graph replay per frame, the default; the NF4 plan with host-RAM embeddings "
-        "decodes eagerly) and decoded",
+        "frames, generated (one CUDA graph replay per frame, the default) and decoded",
         "- the CUDA allocator runs with expandable segments, as the CLI sets it\n"
         "- predicted = the planner's total minus its CUDA-context term; compared with torch's peak reserved memory "
         "(what the card holds) and peak allocated memory (what tensors use). "

@@ -207,12 +207,20 @@ class DualAR(nn.Module):
         return 0 if self.rope is None else self.rope.shape[0]
 
     # ----- slow AR ------------------------------------------------------------------------------------------
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, 1 + num_codebooks, T] -> x [B, T, D]. Audio positions: (token + sum of codebook rows)/sqrt(11)."""
+    def embed(self, tokens: torch.Tensor, legal_only: bool = False) -> torch.Tensor:
+        """tokens [B, 1 + num_codebooks, T] -> x [B, T, D]. Audio positions: (token + sum of codebook rows)/sqrt(11).
+
+        `legal_only`: every token is one the head may emit (a generated frame), so its text row is read from the
+        head's copy of the legal rows, on the device even when the table lives in host RAM (no host round trip:
+        the decode step stays capturable as a CUDA graph).
+        """
         c = self.config
         ids = tokens[:, 0]  # [B, T]
-        table = self.embeddings.weight
-        x = F.embedding(ids.to(table.device), table).to(tokens.device)  # the table may live in host RAM
+        if legal_only:  # head row 0 is <|im_end|>, row 1 + k semantic token k
+            x = F.embedding(torch.where(ids == c.im_end_id, 0, ids - c.semantic_begin_id + 1), self.head.weight)
+        else:
+            table = self.embeddings.weight
+            x = F.embedding(ids.to(table.device), table).to(tokens.device)  # the table may live in host RAM
         offsets = torch.arange(c.num_codebooks, device=tokens.device) * c.codebook_size
         vq = self.codebook_embeddings(tokens[:, 1:] + offsets[None, :, None]).sum(dim=1)  # [B, T, D]
         is_audio = ((ids >= c.semantic_begin_id) & (ids <= c.semantic_end_id))[..., None]
@@ -221,9 +229,10 @@ class DualAR(nn.Module):
     def forward_slow(self, tokens: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         """Run the slow AR over T new positions starting at `start`; returns the normed hidden [B, T, D].
 
-        `start` may be a [1] int64 tensor on the device (T = 1): no host value, so the step can be graph-captured.
+        `start` may be a [1] int64 tensor on the device, for one generated frame (T = 1, legal tokens only): no
+        host value and no host table read, so the step can be graph-captured.
         """
-        x = self.embed(tokens)
+        x = self.embed(tokens, legal_only=isinstance(start, torch.Tensor))
         if isinstance(start, torch.Tensor):
             rope = self.rope.index_select(0, start)
             start = DevicePosition(start, (self.cache_slots <= start)[None])  # [1 query, capacity]

@@ -48,6 +48,22 @@ def test_slow_step_at_a_device_position_equals_the_int_position(tiny_model):
     assert (wrong_place - by_int).abs().max() > 1e-3
 
 
+def test_decode_step_reads_text_rows_from_the_head(model64):
+    """A generated frame's text row comes from the head's copy of the legal rows (so a table kept in host RAM is
+    never read while decoding): the same rows as the table's, <|im_end|> included, and a poisoned table unread."""
+    c = model64.config
+    frames = frames_sequence(c, 0, 6, seed=5)  # [1, 11, 6]: semantic tokens and their codes
+    frames[0, :, 2] = 0
+    frames[0, 0, 2] = c.im_end_id
+    with torch.inference_mode():
+        from_table = model64.embed(frames)
+        from_head = model64.embed(frames, legal_only=True)
+        model64.embeddings.weight.fill_(float("nan"))
+        assert torch.equal(model64.embed(frames, legal_only=True), from_head)
+        assert model64.embed(frames).isnan().all()  # negative control: the plain path reads the table
+    assert torch.equal(from_head, from_table)
+
+
 @pytest.mark.parametrize("sampling", [SamplingParams(0.8, 0.8, 30), SamplingParams(1.0, 0.9, 5)], ids=str)
 def test_frame_loop_decodes_what_the_eager_loop_decodes(model64, monkeypatch, sampling):
     """Same seed, same frames: the semantic draws with RAS, the window kept on the device, the 10 fast draws."""
