@@ -4,7 +4,8 @@ Eager decoding launches thousands of kernels per frame (36 slow layers, the 4 09
 10 fast passes of 4 layers) and is bound by launch latency, not by the GPU. What makes the step capturable: every
 value that changes from frame to frame is a device tensor that the step itself updates (the slow position, the
 frame counter, the RAS window, the hidden state); the slow step writes its K/V with `index_copy_` and attends over
-the whole cache through a mask (model.DevicePosition); sampling never syncs with the host (sampling.py); and the
+the whole cache through a mask (model.DevicePosition) and takes the frame's text row from the head's copy of the
+legal rows, never from a table in host RAM (model.embed); sampling never syncs with the host (sampling.py); and the
 random draws come from a generator registered with the graph. The host reads the frames every `check_every`
 frames to find <|im_end|>; frames decoded after it are dropped.
 """
