@@ -80,7 +80,7 @@ class FrameLoop:
             chunk = 1 if done == 0 else min(self.check_every, self.budget - done)
             for _ in range(chunk):
                 replay()
-            if done == 0 and capture:  # before the first check: progress reports then come after the capture
+            if done == 0 and capture and self.budget > 1:  # before the first check: progress comes after it
                 replay = self.capture().replay
             first, done = done, done + chunk
             stops = (self.frames[0, first:done] == im_end).nonzero()  # the host waits here, once per chunk
