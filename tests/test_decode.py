@@ -126,3 +126,22 @@ def test_captured_graph_replays_the_frame_loop(tiny_checkpoint, monkeypatch):
     assert replayed.codes.shape[1] == 40 and torch.equal(replayed.codes, eager.codes)
     assert torch.equal(captured_runs[0].codes, captured_runs[1].codes)
     assert not torch.equal(captured_runs[0].codes, captured_runs[2].codes)
+
+
+@pytest.mark.parametrize("budget, captures", [(1, 0), (5, 1)])
+def test_one_graph_per_request_and_none_for_a_single_frame(model64, monkeypatch, budget, captures):
+    """The loop captures once, after its first (eager) frame, and not at all when that frame is the whole budget.
+    On the CPU the "graph" is the step itself; the capture calls are counted."""
+    calls = []
+
+    def fake_capture(loop):
+        calls.append(loop)
+        return SimpleNamespace(replay=loop.step)
+
+    monkeypatch.setattr(engine.FrameLoop, "capture", fake_capture)
+    model64.setup_caches(64, torch.float64, "cpu")
+    hidden = torch.randn(1, model64.config.dim, dtype=torch.float64)
+    loop = engine.FrameLoop(model64, hidden, 20, budget, SamplingParams(), torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        columns, _ = loop.run(None, capture=True)
+    assert len(calls) == captures and columns.shape[1] <= budget
