@@ -56,7 +56,7 @@ class FrameLoop:
         device = hidden.device
         self.model, self.params, self.generator, self.budget = model, params, generator, budget
         self.hidden = hidden.clone()  # [1, D]
-        self.position = torch.tensor([prompt_len], device=device)  # the next slow step's position
+        self.prompt_len = prompt_len
         self.count = torch.zeros(1, dtype=torch.int64, device=device)  # frames decoded so far
         self.window = torch.zeros(RAS_WINDOW, dtype=torch.int64, device=device)  # the last semantic tokens
         self.frames = torch.zeros(1 + model.config.num_codebooks, budget, dtype=torch.int64, device=device)
@@ -65,8 +65,8 @@ class FrameLoop:
         frame = decode_frame(self.model, self.hidden, self.window, self.params, self.generator)  # [11]
         self.frames.index_copy_(1, self.count, frame[:, None])
         self.window.index_copy_(0, self.count % RAS_WINDOW, frame[:1])
-        self.hidden.copy_(self.model.forward_slow(frame.view(1, -1, 1), self.position)[:, -1])
-        self.position += 1
+        position = self.count + self.prompt_len  # [1]: where this frame goes in the slow cache
+        self.hidden.copy_(self.model.forward_slow(frame.view(1, -1, 1), position)[:, -1])
         self.count += 1
 
     def run(self, on_frame: Callable[[int], None] | None, capture: bool) -> tuple[torch.Tensor, bool]:

@@ -120,12 +120,13 @@ class Attention(nn.Module):
         k, v = self.kv_cache.update(start, k, v)  # [B, 8, start+T, D]: the valid prefix only
         if isinstance(start, DevicePosition):  # k, v: the whole cache [B, 8, capacity, D]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=start.visible, enable_gqa=True)
-            return self.wo(y.transpose(1, 2).reshape(b, t, self.n_head * hd))
-        mask = None
-        if t > 1 and start > 0:  # a chunk after earlier positions: causal within, full over the past
-            pos = torch.arange(start + t, device=x.device)
-            mask = pos[None, :] <= (start + torch.arange(t, device=x.device))[:, None]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=t > 1 and start == 0, enable_gqa=True)
+        else:
+            mask = None
+            if t > 1 and start > 0:  # a chunk after earlier positions: causal within, full over the past
+                pos = torch.arange(start + t, device=x.device)
+                mask = pos[None, :] <= (start + torch.arange(t, device=x.device))[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=t > 1 and start == 0,
+                                               enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(b, t, self.n_head * hd))
 
 
