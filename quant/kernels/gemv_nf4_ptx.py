@@ -13,6 +13,8 @@ slower than ptxas's placement, and the `.lu` (last use) loads, which ptxas place
 order of the PTX moves ptxas as much: each row's units before the next row's (for 4096x2560 also the loads issued
 row by row) ran 3-5 % faster on 6144x2560, 4096x2560 and 2560x9728, given a register cap that keeps the launch
 to one wave where needed, and 10-40 % slower on the other shapes: a plan names its order, the chooser times it.
+The multiply-adds stay on the FMA pipe: `mma.sync` in this same layout (15 % fewer instructions) ran 20 % slower, a
+unit's four mma being one dependent chain where the FFMA form has 16 independent products per row.
 
 Layout (bitsandbytes' packed rows, read as int32 words; see gemv_nf4.py): each lane owns 16-column units
 u = lane + 32 i of a row (one 8-byte load of two words, two 16-byte loads of bf16 x, one block scale) and keeps
