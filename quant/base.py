@@ -67,9 +67,9 @@ class QuantizedLinear(nn.Module, ABC):
 
     def gemv_applies(self, x: Tensor) -> bool:
         """Whether `forward(x)` takes the kernel path: one token, CUDA, Triton present, format-specific limits."""
-        from quant.kernels import gemv_supported
+        from quant.kernels import kernels_supported
 
-        return x.is_cuda and x.numel() == self.in_features and gemv_supported(x.device)
+        return x.is_cuda and x.numel() == self.in_features and kernels_supported(x.device)
 
     def forward(self, x: Tensor) -> Tensor:
         # The first kernel call per (shape, dtype) autotunes, which synchronizes: call once before CUDA-graph capture.

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant.kernels import kernels_supported
 from runtime.config import ModelConfig, StackConfig
 
 
@@ -32,6 +33,12 @@ class DevicePosition:
     visible: torch.Tensor
 
 
+def fused_kernels(x: torch.Tensor) -> bool:
+    """Whether the norms and RoPE of x run as one Triton kernel each (quant/kernels/norm_rope.py): bf16 on a GPU
+    our kernels support. Elsewhere (CPU, no Triton, older GPUs) the torch expressions below, the same numerics."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and kernels_supported(x.device)
+
+
 class RMSNorm(nn.Module):
     """Block / final norm: normalise in fp32, round to the activation dtype, then multiply by the gain."""
 
@@ -41,6 +48,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_kernels(x) and x.is_contiguous() and self.weight.dtype == x.dtype:
+            from quant.kernels.norm_rope import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
@@ -58,6 +69,17 @@ def rope_table(positions: int, head_dim: int, base: float) -> torch.Tensor:
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
     angles = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
     return torch.stack([angles.cos(), angles.sin()], dim=-1).to(torch.bfloat16)
+
+
+def norm_rope(x: torch.Tensor, norm: HeadNorm | None, table: torch.Tensor) -> torch.Tensor:
+    """q or k [B, T, H, D]: QK-norm where the stack has it, then RoPE."""
+    if fused_kernels(x):
+        from quant.kernels import norm_rope as kernels
+
+        if kernels.takes(x):
+            return kernels.norm_rope(x, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
+                                     table)
+    return apply_rope(x if norm is None else norm(x), table)
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -113,9 +135,7 @@ class Attention(nn.Module):
         q = q.view(b, t, self.n_head, hd)  # [B, T, 32, 128]
         k = k.view(b, t, self.n_kv, hd)  # [B, T, 8, 128]
         v = v.view(b, t, self.n_kv, hd)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = norm_rope(q, self.q_norm, rope), norm_rope(k, self.k_norm, rope)
         q, k, v = (y.transpose(1, 2) for y in (q, k, v))  # [B, H, T, D]
         k, v = self.kv_cache.update(start, k, v)  # [B, 8, start+T, D]: the valid prefix only
         if isinstance(start, DevicePosition):  # k, v: the whole cache [B, 8, capacity, D]

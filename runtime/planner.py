@@ -37,8 +37,9 @@ LINEAR_FORMATS = ("bf16", "fp8", "int8", "nf4", "fp32")
 QUANTIZED = ("fp8", "int8", "nf4")
 FLOAT_BYTES = {"bf16": 2, "fp32": 4}
 MIN_CAPABILITY = (7, 5)
-# sm_80: where our GEMV kernels run (quant.kernels.gemv_supported; below it every quantized linear dequantizes its
-# weight per call) and where SDPA has bf16 flash attention (below it the math backend materializes the scores).
+# sm_80: where our GEMV kernels run (quant.kernels.kernels_supported; below it every quantized linear
+# dequantizes its weight per call) and where SDPA has bf16 flash attention (below it the math backend
+# materializes the scores).
 AMPERE = (8, 0)
 
 MARGIN_FRACTION = 0.05

@@ -1,0 +1,90 @@
+"""The one-launch norm and RoPE kernels (quant/kernels/norm_rope.py) against the model's torch expressions, on a GPU:
+at S2 shapes, on the strided q/k views the fused QKV projection yields; with negative controls (a wrong eps, the
+wrong table rows) so that the comparisons can fail; and the whole tiny model with and without them (on an H100 the
+two gave identical bits there: the call count shows which path ran)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime import model as model_module
+from runtime.loader import load_model
+from runtime.model import HeadNorm, apply_rope, rope_table
+from test_model import frames_sequence
+
+CUDA = torch.cuda.is_available()
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+
+
+def block_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The reference's block norm (runtime/model.py RMSNorm, torch path)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def within_one_ulp(y: torch.Tensor, ref: torch.Tensor) -> bool:
+    """bf16 results that differ at most in the last bit (the kernels sum the squares in another order); and
+    most of them exactly."""
+    y, ref = y.float(), ref.float()
+    ulp = ref.abs().clamp_min(1e-30) * 2.0**-7
+    return bool(((y - ref).abs() <= ulp).all()) and bool((y == ref).float().mean() > 0.95)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2560), (1, 7, 2560), (3, 64)], ids=str)
+def test_rms_norm_is_the_block_norm(shape):
+    from quant.kernels.norm_rope import rms_norm
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    x = (torch.randn(shape, generator=gen, device="cuda") * 3).bfloat16()
+    weight = (1 + 0.1 * torch.randn(shape[-1], generator=gen, device="cuda")).bfloat16()
+    assert within_one_ulp(rms_norm(x, weight, 1e-6), block_norm(x, weight, 1e-6))
+    assert not within_one_ulp(rms_norm(x, weight, 0.5), block_norm(x, weight, 1e-6))  # the check can fail
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_norm_rope_on_qkv_views(tokens, qk_norm):
+    """q and k as views of one [1, T, (32 + 2 x 8) x 128] projection: head norm (slow AR) and RoPE at positions
+    start..start+T-1 equal HeadNorm then apply_rope."""
+    from quant.kernels.norm_rope import norm_rope, takes
+
+    gen = torch.Generator("cuda").manual_seed(1)
+    qkv = torch.randn(1, tokens, 48 * 128, generator=gen, device="cuda").bfloat16()
+    q = qkv[..., : 32 * 128].view(1, tokens, 32, 128)
+    k = qkv[..., 32 * 128 : 40 * 128].view(1, tokens, 8, 128)
+    table = rope_table(300, 128, 1e6).cuda()
+    rows = table[200 : 200 + tokens]
+    norm = HeadNorm(128, 1e-6).cuda()
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(128, generator=gen, device="cuda"))
+    for x in (q, k):
+        assert takes(x)
+        ref = apply_rope(norm(x) if qk_norm else x, rows)
+        y = norm_rope(x, norm.weight if qk_norm else None, norm.eps, rows)
+        assert y.is_contiguous() and within_one_ulp(y, ref)
+        assert not within_one_ulp(norm_rope(x, norm.weight if qk_norm else None, norm.eps, table[:tokens]), ref)
+
+
+def test_tiny_model_with_and_without_the_kernels(tiny_checkpoint, monkeypatch):
+    """The tiny model in bf16 on the GPU: every norm and RoPE of the slow AR runs as our kernels (counted), and
+    its hidden states over a prompt agree with the torch path to bf16 accuracy."""
+    from quant.kernels import norm_rope as kernels
+
+    model = load_model(tiny_checkpoint, torch.device("cuda"), torch.bfloat16).model
+    tokens = frames_sequence(model.config, 6, 3, seed=2)[0][None].cuda()
+    model.setup_caches(64, torch.bfloat16, torch.device("cuda"))
+    calls = {"rms_norm": 0, "norm_rope": 0}
+    for name in calls:
+        def counted(*args, _kernel=getattr(kernels, name), _name=name):
+            calls[_name] += 1
+            return _kernel(*args)
+        monkeypatch.setattr(kernels, name, counted)
+    with torch.inference_mode():
+        fused = model.forward_slow(tokens, 0).float()
+        layers = model.config.slow.n_layer
+        assert calls == {"rms_norm": 2 * layers + 1, "norm_rope": 2 * layers}
+        monkeypatch.setattr(model_module, "fused_kernels", lambda x: False)
+        torch_path = model.forward_slow(tokens, 0).float()
+    assert calls == {"rms_norm": 2 * layers + 1, "norm_rope": 2 * layers}  # the torch path: no more calls
+    assert (fused - torch_path).norm() / torch_path.norm() < 2e-2
