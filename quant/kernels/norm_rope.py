@@ -2,11 +2,11 @@
 
 A decode frame runs 76 layer steps (36 slow, 4 fast x 11 positions). In eager torch the block norm is 8 kernels
 (cast, square, mean, add, rsqrt, multiply, cast, gain) and a slow layer's QK-norm + RoPE of q and k 38 more: on an
-H100 these ~3 300 launches of 1-2 us made a third of a graph-replayed frame (benchmarks/results/decode-*.md). The
-arithmetic is the reference's, in the same order and precision (runtime/model.py: fp32 statistics, the block norm
-rounded to the activation dtype before its gain, the head norm's gain in fp32 and one rounding, RoPE over
-interleaved pairs in fp32 with the bf16 table); only the order of the sums of squares differs, so results may
-differ from torch's in the last bit.
+H100 these ~3 300 launches of 1-2 us made a third of a graph-replayed frame
+(benchmarks/results/decode-profile-*). The arithmetic is the reference's, in the same order and precision
+(runtime/model.py: fp32 statistics, the block norm rounded to the activation dtype before its gain, the head
+norm's gain in fp32 and one rounding, RoPE over interleaved pairs in fp32 with the bf16 table); only the order of
+the sums of squares differs, so results may differ from torch's in the last bit.
 """
 
 from __future__ import annotations
