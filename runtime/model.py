@@ -1,10 +1,11 @@
 """The S2 Pro Dual-AR: a Qwen3-shaped slow AR over time and a 4-layer fast AR over the 10 codebooks of a frame.
 
 One definition serves CPU eager, GPU eager and CUDA-graph replay; precision modes only swap the `nn.Linear`
-modules. On a GPU each norm and each QK-norm + RoPE is one Triton kernel (`fused_kernels`), the same arithmetic
-as the torch expressions here, which the CPU runs. Numerics follow the reference (spec sections 2-3): block RMSNorm rounds before the gain multiply, QK-norm
+modules. Numerics follow the reference (spec sections 2-3): block RMSNorm rounds before the gain multiply, QK-norm
 (slow AR only) multiplies in fp32 and rounds once, RoPE uses interleaved pairs with a bf16 (cos, sin) table,
 audio positions embed as (token + 10 codebook rows) / sqrt(11), and the fast AR reads the *normed* slow hidden.
+On a GPU each norm and each QK-norm + RoPE is one Triton kernel (`fused_kernels`) with that same arithmetic; the
+torch expressions here are what the CPU runs.
 
 Unlike the reference, the KV cache is sized to the request and attention reads only the valid prefix, and GQA
 is left to SDPA (`enable_gqa`) instead of copying K/V four times. A slow step at a position held on the device
