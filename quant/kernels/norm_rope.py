@@ -1,6 +1,6 @@
 """One kernel each for the model's RMSNorm and for QK-norm + RoPE, where torch launches 8 and 19-38 small kernels.
 
-A decode frame runs 76 layer steps (36 slow, 4 fast x 11 positions). In eager torch the block norm is 8 kernels
+A decode frame runs 76 layer steps (36 slow, 4 fast x 10 positions). In eager torch the block norm is 8 kernels
 (cast, square, mean, add, rsqrt, multiply, cast, gain) and a slow layer's QK-norm + RoPE of q and k 38 more: on an
 H100 these ~3 300 launches of 1-2 us made a third of a graph-replayed frame
 (benchmarks/results/decode-profile-*). The arithmetic is the reference's, in the same order and precision
