@@ -22,9 +22,11 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
+from report import write_measured  # noqa: E402
 from runtime.audio import load_reference  # noqa: E402
 from runtime.codec import Codec, CodecConfig, decode_to_file, load_codec  # noqa: E402
 from runtime.synthetic_codec import random_codes, write_synthetic_codec  # noqa: E402
@@ -164,23 +166,12 @@ def main(argv: list[str] | None = None) -> int:
             pass
     date = datetime.date.today().isoformat()
     command = shlex.join(["python", "benchmarks/codec_decode.py", *(sys.argv[1:] if argv is None else argv)])
-    lines = [
-        f"# Codec decode ({gpu}, {args.config})",
-        "",
-        f"- date: {date}; torch {torch.__version__}; CUDA {torch.version.cuda}; driver {driver}",
-        f"- command: `{command}`",
-        "- codec: synthetic codec.pth in the official layout (runtime/synthetic_codec.py), random weights; "
-        "decode-only load (quantizer codebooks, post_module, upsample, decoder)",
-        "",
-        "| what | measured |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in rows],
-    ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = gpu.replace(" ", "-").replace("/", "-")
-    (args.out / f"codec-decode-{slug}-{args.config}-{date}.md").write_text(text)
+    notes = [f"- date: {date}; torch {torch.__version__}; CUDA {torch.version.cuda}; driver {driver}",
+             f"- command: `{command}`",
+             "- codec: synthetic codec.pth in the official layout (runtime/synthetic_codec.py), random weights; "
+             "decode-only load (quantizer codebooks, post_module, upsample, decoder)"]
+    write_measured(args.out, "codec-decode", f"{gpu}-{args.config}", date, f"Codec decode ({gpu}, {args.config})",
+                   notes, rows)
     return 1 if failed else 0
 
 

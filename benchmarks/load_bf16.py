@@ -18,6 +18,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from report import write_measured  # noqa: E402
 
 MEASURE = r"""
 import json, resource, sys, time, psutil, torch
@@ -136,24 +139,11 @@ def main() -> None:
 
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     date = datetime.date.today().isoformat()
-    lines = [
-        f"# Full-size load, bf16 ({gpu})",
-        "",
-        f"- date: {date}; torch {torch.__version__}; CUDA {torch.version.cuda}; host RAM "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / gb:.0f} GB",
-        f"- command: `python benchmarks/load_bf16.py --frames {args.frames} --config {args.config}`",
-        "- checkpoint: synthetic, official layout, random bf16 weights (written by runtime/synthetic.py)",
-        "",
-        "| what | measured |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in rows],
-    ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = gpu.replace(" ", "-").replace("/", "-")
-    (args.out / f"load-bf16-{slug}-{date}.md").write_text(text)
-
+    notes = [f"- date: {date}; torch {torch.__version__}; CUDA {torch.version.cuda}; host RAM "
+             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / gb:.0f} GB",
+             f"- command: `python benchmarks/load_bf16.py --frames {args.frames} --config {args.config}`",
+             "- checkpoint: synthetic, official layout, random bf16 weights (written by runtime/synthetic.py)"]
+    write_measured(args.out, "load-bf16", gpu, date, f"Full-size load, bf16 ({gpu})", notes, rows)
 
 if __name__ == "__main__":
     main()

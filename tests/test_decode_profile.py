@@ -4,7 +4,6 @@ for one graph-replayed frame on an H100)."""
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
