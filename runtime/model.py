@@ -37,8 +37,9 @@ class DevicePosition:
 
 def fused_kernels(x: torch.Tensor) -> bool:
     """Whether the norms and RoPE of x run as one Triton kernel each (quant/kernels/norm_rope.py): bf16 on a GPU
-    our kernels support. Elsewhere (CPU, no Triton, older GPUs) the torch expressions below, the same numerics."""
-    return x.is_cuda and x.dtype == torch.bfloat16 and kernels_supported(x.device)
+    our kernels support, gradients off (the kernels have no backward). Elsewhere (CPU, no Triton, older GPUs,
+    training) the torch expressions below, the same numerics."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and kernels_supported(x.device)
 
 
 class RMSNorm(nn.Module):
