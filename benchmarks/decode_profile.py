@@ -23,17 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from decode_speed import PLANS  # noqa: E402
-from random_weights import never_stop  # noqa: E402
+from decode_speed import PLANS, full_checkpoint, plan_and_prompt  # noqa: E402
 
-from runtime.config import bundled_config  # noqa: E402
 from runtime.decode import FrameLoop  # noqa: E402
 from runtime.engine import bucket  # noqa: E402
 from runtime.files import atomic_path  # noqa: E402
-from runtime.loader import WeightFormats, load_model  # noqa: E402
-from runtime.prompt import Reference, build_prompt  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402
-from runtime.synthetic import write_checkpoint  # noqa: E402
 
 # (substring of the kernel name, family): the first match wins
 FAMILIES = (("gemv_nf4", "our NF4 GEMV"), ("gemv8", "our 8-bit GEMV"), ("norm_rope", "our norm / RoPE"),
@@ -50,14 +45,9 @@ def family(kernel: str) -> str:
     return next((fam for key, fam in FAMILIES if key in name), "other")
 
 
-def profile_plan(ckpt: Path, slow: str, fast: str) -> tuple[float, float, dict[str, tuple[float, float]]]:
+def profile_plan(ckpt: Path, plan: str) -> tuple[float, float, dict[str, tuple[float, float]]]:
     """-> (wall ms/frame, kernels/frame, {family: (ms/frame, kernels/frame)})."""
-    loaded = load_model(ckpt, torch.device("cuda"), torch.bfloat16, formats=WeightFormats(slow, fast))
-    model = loaded.model
-    never_stop(model)
-    codes = torch.randint(0, model.config.codebook_size, (10, 200), generator=torch.Generator().manual_seed(0))
-    prompt = build_prompt(loaded.tokenizer, "Hello, this is a measurement of the decoding speed.",
-                          [Reference(codes, "a reference transcript " * 8)], model.config.num_codebooks)
+    model, prompt = plan_and_prompt(ckpt, plan)
     budget = 64
     model.setup_caches(bucket(prompt.shape[1] + budget), torch.bfloat16, torch.device("cuda"))
     generator = torch.Generator("cuda").manual_seed(0)
@@ -94,9 +84,7 @@ def main() -> None:
     parser.add_argument("--plans", default="bf16,nf4-all", help=f"comma-separated subset of: {', '.join(PLANS)}")
     args = parser.parse_args()
 
-    ckpt = args.workdir / "s2-pro"
-    if not (ckpt / "model.safetensors.index.json").exists():
-        write_checkpoint(ckpt, bundled_config("s2-pro"), seed=0, shards=2, device="cuda")
+    ckpt = full_checkpoint(args.workdir)
     gpu = torch.cuda.get_device_name()
     now = datetime.datetime.now(datetime.timezone.utc)
     lines = [f"# Decode frame profile: GPU time per kernel family in one graph replay ({gpu})", "",
@@ -106,7 +94,7 @@ def main() -> None:
              f"timed; kernels: {REPLAYS} replays under torch.profiler, per frame", ""]
     for name in args.plans.split(","):
         slow, fast = PLANS[name]
-        wall_ms, count, families = profile_plan(ckpt, slow, fast)
+        wall_ms, count, families = profile_plan(ckpt, name)
         busy = sum(ms for ms, _ in families.values())
         lines += [f"## {name} ({slow}/{fast}): {wall_ms:.2f} ms/frame wall, {count:.0f} kernels, "
                   f"{busy:.2f} ms of kernel time", "", "| kernel family | ms per frame | kernels per frame | us each |",

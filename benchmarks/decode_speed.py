@@ -31,12 +31,34 @@ from runtime.decode import FrameLoop  # noqa: E402
 from runtime.engine import GenerationConfig, generate  # noqa: E402
 from runtime.files import atomic_path  # noqa: E402
 from runtime.loader import WeightFormats, load_model  # noqa: E402
+from runtime.model import DualAR  # noqa: E402
 from runtime.prompt import Reference, build_prompt  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402
 from runtime.synthetic import write_checkpoint  # noqa: E402
 
 PLANS = {"bf16": ("bf16", "bf16"), "fp8": ("fp8", "fp8"), "int8": ("int8", "int8"), "nf4": ("nf4", "bf16"),
          "nf4-all": ("nf4", "nf4")}
+
+
+def full_checkpoint(workdir: Path) -> Path:
+    """The full-size synthetic checkpoint under workdir, written on the GPU the first time."""
+    ckpt = workdir / "s2-pro"
+    if not (ckpt / "model.safetensors.index.json").exists():
+        write_checkpoint(ckpt, bundled_config("s2-pro"), seed=0, shards=2, device="cuda")
+    return ckpt
+
+
+def plan_and_prompt(ckpt: Path, plan: str) -> tuple[DualAR, torch.Tensor]:
+    """The model loaded on the GPU in one of PLANS (quantized while loading, <|im_end|> suppressed) and the
+    measurement prompt: a 200-frame reference and a sentence (536 tokens)."""
+    slow, fast = PLANS[plan]
+    loaded = load_model(ckpt, torch.device("cuda"), torch.bfloat16, formats=WeightFormats(slow, fast))
+    model = loaded.model
+    never_stop(model)
+    codes = torch.randint(0, model.config.codebook_size, (10, 200), generator=torch.Generator().manual_seed(0))
+    prompt = build_prompt(loaded.tokenizer, "Hello, this is a measurement of the decoding speed.",
+                          [Reference(codes, "a reference transcript " * 8)], model.config.num_codebooks)
+    return model, prompt
 
 
 def per_frame_ms(model, prompt: torch.Tensor, frames: int, graph: bool) -> float:
@@ -94,26 +116,18 @@ def main() -> None:
     parser.add_argument("--plans", default=",".join(PLANS), help=f"comma-separated subset of: {', '.join(PLANS)}")
     args = parser.parse_args()
 
-    ckpt = args.workdir / "s2-pro"
-    if not (ckpt / "model.safetensors.index.json").exists():
-        write_checkpoint(ckpt, bundled_config("s2-pro"), seed=0, shards=2, device="cuda")
-    device = torch.device("cuda")
+    ckpt = full_checkpoint(args.workdir)
     rows = []
     for name in args.plans.split(","):
         slow, fast = PLANS[name]
-        loaded = load_model(ckpt, device, torch.bfloat16, formats=WeightFormats(slow, fast))
-        model = loaded.model
-        never_stop(model)
-        codes = torch.randint(0, model.config.codebook_size, (10, 200), generator=torch.Generator().manual_seed(0))
-        prompt = build_prompt(loaded.tokenizer, "Hello, this is a measurement of the decoding speed.",
-                              [Reference(codes, "a reference transcript " * 8)], model.config.num_codebooks)
+        model, prompt = plan_and_prompt(ckpt, name)
         eager_ms = per_frame_ms(model, prompt, args.frames, graph=False)
         graph_ms = per_frame_ms(model, prompt, args.frames, graph=True)
         gap = greedy_gap(model, prompt, 48)
         capture = capture_ms(model, prompt)
         rows.append((name, f"{slow}/{fast}", prompt.shape[1], eager_ms, graph_ms, capture, gap))
         print(rows[-1], flush=True)
-        del model, loaded
+        del model
         gc.collect()
         torch.cuda.empty_cache()
 
