@@ -31,10 +31,11 @@ from runtime.files import atomic_path  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402
 
 # (substring of the kernel name, family): the first match wins
-FAMILIES = (("gemv_nf4", "our NF4 GEMV"), ("gemv8", "our 8-bit GEMV"), ("norm_rope", "our norm / RoPE"),
-            ("rms_norm", "our norm / RoPE"), ("sdpa", "attention"), ("cudnn", "attention"), ("flash", "attention"),
-            ("nvjet", "cuBLAS GEMM"), ("gemm", "cuBLAS GEMM"), ("splitkreduce", "cuBLAS GEMM"), ("gemv", "cuBLAS GEMV"),
-            ("topk", "sort / top-k"), ("sort", "sort / top-k"), ("reduce", "reductions"), ("softmax", "reductions"),
+FAMILIES = (("gemv_nf4", "our NF4 GEMV"), ("gemv8", "our 8-bit GEMV"), ("norm_rope", "our norm / RoPE / SwiGLU"),
+            ("rms_norm", "our norm / RoPE / SwiGLU"), ("silu_mul", "our norm / RoPE / SwiGLU"), ("sdpa", "attention"),
+            ("cudnn", "attention"), ("flash", "attention"), ("nvjet", "cuBLAS GEMM"), ("gemm", "cuBLAS GEMM"),
+            ("splitkreduce", "cuBLAS GEMM"), ("gemv", "cuBLAS GEMV"), ("topk", "sort / top-k"),
+            ("sort", "sort / top-k"), ("reduce", "reductions"), ("softmax", "reductions"),
             ("index", "copies and indexing"), ("copy", "copies and indexing"), ("cat", "copies and indexing"),
             ("elementwise", "elementwise"))
 REPLAYS = 8

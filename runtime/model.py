@@ -4,8 +4,9 @@ One definition serves CPU eager, GPU eager and CUDA-graph replay; precision mode
 modules. Numerics follow the reference (spec sections 2-3): block RMSNorm rounds before the gain multiply, QK-norm
 (slow AR only) multiplies in fp32 and rounds once, RoPE uses interleaved pairs with a bf16 (cos, sin) table,
 audio positions embed as (token + 10 codebook rows) / sqrt(11), and the fast AR reads the *normed* slow hidden.
-On a GPU each norm and each QK-norm + RoPE is one Triton kernel (`fused_kernels`) with that same arithmetic; the
-torch expressions here are what the CPU runs.
+On a GPU each residual add with the norm after it, each QK-norm + RoPE (for keys with the K/V cache writes) and
+each SiLU x up is one Triton kernel (`fused_kernels`) with that same arithmetic; the torch expressions here are
+what the CPU runs.
 
 Unlike the reference, the KV cache is sized to the request and attention reads only the valid prefix, and GQA
 is left to SDPA (`enable_gqa`) instead of copying K/V four times. A slow step at a position held on the device
@@ -51,12 +52,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_kernels(x) and x.is_contiguous() and self.weight.dtype == x.dtype:
+        if self._fused(x):
             from quant.kernels.norm_rope import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+    def add(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add and this norm of its result: (x + delta, norm(x + delta))."""
+        if self._fused(x) and self._fused(delta):
+            from quant.kernels.norm_rope import add_rms_norm
+
+            return add_rms_norm(x, delta, self.weight, self.eps)
+        total = x + delta
+        return total, self(total)
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        return fused_kernels(x) and x.is_contiguous() and self.weight.dtype == x.dtype
 
 
 class HeadNorm(RMSNorm):
@@ -107,18 +120,34 @@ class KVCache(nn.Module):
     def capacity(self) -> int:
         return self.k.shape[2]
 
-    def update(self, start: int | DevicePosition, k: torch.Tensor,
-               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [1, kv_heads, T, D] at positions start..start+T-1; return the valid prefix views (the whole
-        cache for a device position, T = 1)."""
+    def update(self, start: int | DevicePosition, k: torch.Tensor, v: torch.Tensor, norm: HeadNorm | None,
+               table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write norm_rope(k) and v (k, v [1, T, kv_heads, D]) at positions start..start+T-1; return the valid
+        prefix views [1, kv_heads, start+T, D] (the whole cache for a device position, T = 1)."""
+        t = k.shape[1]
+        if not isinstance(start, DevicePosition) and start + t > self.capacity:
+            raise ValueError(f"positions {start}..{start + t - 1} exceed the cache of {self.capacity}")
+        if fused_kernels(k):
+            from quant.kernels import norm_rope as kernels
+
+            if k.shape[0] == 1 and kernels.takes(k) and v.stride() == k.stride():
+                kernels.rope_into_cache(k, v, None if norm is None else norm.weight,
+                                        0.0 if norm is None else norm.eps, table, self.k, self.v,
+                                        start.index if isinstance(start, DevicePosition) else start)
+                return self.visible(start, t)
+        k, v = norm_rope(k, norm, table).transpose(1, 2), v.transpose(1, 2)  # [1, kv_heads, T, D]
         if isinstance(start, DevicePosition):
             self.k.index_copy_(2, start.index, k)
             self.v.index_copy_(2, start.index, v)
+        else:
+            self.k[:, :, start : start + t] = k
+            self.v[:, :, start : start + t] = v
+        return self.visible(start, t)
+
+    def visible(self, start: int | DevicePosition, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(start, DevicePosition):
             return self.k, self.v
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k[:, :, : start + t], self.v[:, :, : start + t]
 
 
 class Attention(nn.Module):
@@ -138,9 +167,8 @@ class Attention(nn.Module):
         q = q.view(b, t, self.n_head, hd)  # [B, T, 32, 128]
         k = k.view(b, t, self.n_kv, hd)  # [B, T, 8, 128]
         v = v.view(b, t, self.n_kv, hd)
-        q, k = norm_rope(q, self.q_norm, rope), norm_rope(k, self.k_norm, rope)
-        q, k, v = (y.transpose(1, 2) for y in (q, k, v))  # [B, H, T, D]
-        k, v = self.kv_cache.update(start, k, v)  # [B, 8, start+T, D]: the valid prefix only
+        q = norm_rope(q, self.q_norm, rope).transpose(1, 2)  # [B, 32, T, D]
+        k, v = self.kv_cache.update(start, k, v, self.k_norm, rope)  # [B, 8, start+T, D]: the valid prefix only
         if isinstance(start, DevicePosition):  # k, v: the whole cache [B, 8, capacity, D]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=start.visible, enable_gqa=True)
         else:
@@ -161,10 +189,17 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(stack.intermediate_size, stack.dim, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One expression: each [B, T, intermediate] temporary is freed as soon as it is used (the planner's peak)
+        if fused_kernels(x):
+            from quant.kernels.swiglu import silu_mul
+
+            return self.w2(silu_mul(self.w1(x), self.w3(x)))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
+    """One pre-norm transformer block's modules; run_stack runs them."""
+
     def __init__(self, stack: StackConfig, eps: float):
         super().__init__()
         self.attention = Attention(stack, eps)
@@ -172,9 +207,21 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(stack.dim, eps)
         self.ffn_norm = RMSNorm(stack.dim, eps)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start: int | DevicePosition) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, start)
-        return h + self.feed_forward(self.ffn_norm(h))
+
+def run_stack(layers: nn.ModuleList, final_norm: RMSNorm, x: torch.Tensor, rope: torch.Tensor,
+              start: int | DevicePosition) -> torch.Tensor:
+    """The blocks of one AR over x [B, T, D], then its final norm -> normed hidden [B, T, D].
+
+    x + attention(attention_norm(x)), then h + feed_forward(ffn_norm(h)) per block, with each residual add done
+    together with the norm that follows it (the block's ffn_norm, the next block's attention_norm or the final
+    norm): one launch on a GPU. Written as one loop so that only the stream and its norm stay referenced.
+    """
+    normed = layers[0].attention_norm(x)
+    for i, layer in enumerate(layers):
+        x, normed = layer.ffn_norm.add(x, layer.attention(normed, rope, start))
+        next_norm = layers[i + 1].attention_norm if i + 1 < len(layers) else final_norm
+        x, normed = next_norm.add(x, layer.feed_forward(normed))
+    return normed
 
 
 class DualAR(nn.Module):
@@ -262,9 +309,7 @@ class DualAR(nn.Module):
             start = DevicePosition(start, (self.cache_slots <= start)[None])  # [1 query, capacity]
         else:
             rope = self.rope[start : start + x.shape[1]]
-        for layer in self.layers:
-            x = layer(x, rope, start)
-        return self.norm(x)
+        return run_stack(self.layers, self.norm, x, rope, start)
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the legal ids only: [..., 1 + num_semantic]."""
@@ -278,9 +323,7 @@ class DualAR(nn.Module):
     def forward_fast(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """One fast-AR position (0 = the slow hidden, k = codebook k-1's embedding): x [B, 1, D] -> normed [B, 1, D]."""
         rope = self.fast_rope[pos : pos + 1]
-        for layer in self.fast_layers:
-            x = layer(x, rope, pos)
-        return self.fast_norm(x)
+        return run_stack(self.fast_layers, self.fast_norm, x, rope, pos)
 
     def fast_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.fast_output(hidden)

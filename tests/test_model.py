@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from runtime.engine import GenerationConfig, generate, generate_batches
 from runtime.errors import InputError
-from runtime.model import apply_rope, rope_table
+from runtime.model import apply_rope, rope_table, run_stack
 from runtime.prompt import build_prompt
 from runtime.sampling import SamplingParams, probabilities
 
@@ -101,10 +101,7 @@ def test_fast_ar_cached_positions_equal_full_sequence(model):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, 10, model.config.dim, generator=g) * 0.5
     with torch.inference_mode():
-        full = x
-        for layer in model.fast_layers:
-            full = layer(full, model.fast_rope, 0)
-        full = model.fast_norm(full)
+        full = run_stack(model.fast_layers, model.fast_norm, x, model.fast_rope, 0)
         steps = torch.cat([model.forward_fast(x[:, k : k + 1], k) for k in range(10)], dim=1)
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
 

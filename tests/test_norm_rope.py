@@ -1,7 +1,8 @@
 """The one-launch norm and RoPE kernels (quant/kernels/norm_rope.py) against the model's torch expressions, on a GPU:
-at S2 shapes, on the strided q/k views the fused QKV projection yields; with negative controls (a wrong eps, the
-wrong table rows) so that the comparisons can fail; and the whole tiny model with and without them (on an H100 the
-two gave identical bits there: the call count shows which path ran)."""
+at S2 shapes, on the strided q/k views the fused QKV projection yields; the residual add with the norm, and the
+keys' RoPE with both cache writes; with negative controls (a wrong eps, the wrong table rows, the wrong slot) so
+that the comparisons can fail; and the whole tiny model with and without them (on an H100 the two gave identical
+bits there: the call count shows which path ran)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,35 @@ def test_rms_norm_is_the_block_norm(shape):
     assert not within_one_ulp(rms_norm(x, weight, 0.5), block_norm(x, weight, 1e-6))  # the check can fail
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 2560), (1, 7, 2560), (3, 64)], ids=str)
+def test_add_rms_norm_is_the_sum_then_the_block_norm(shape):
+    from quant.kernels.norm_rope import add_rms_norm
+
+    gen = torch.Generator("cuda").manual_seed(3)
+    x, delta = ((torch.randn(shape, generator=gen, device="cuda") * 3).bfloat16() for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(shape[-1], generator=gen, device="cuda")).bfloat16()
+    total, y = add_rms_norm(x, delta, weight, 1e-6)
+    assert torch.equal(total, x + delta)
+    assert within_one_ulp(y, block_norm(x + delta, weight, 1e-6))
+    assert not within_one_ulp(y, block_norm(x, weight, 1e-6))  # the norm is of the sum, and the check can fail
+
+
+def qkv_views(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [1, T, H, 128] as views of one [1, T, (32 + 2 x 8) x 128] projection."""
+    gen = torch.Generator("cuda").manual_seed(seed)
+    qkv = torch.randn(1, tokens, 48 * 128, generator=gen, device="cuda").bfloat16()
+    return (qkv[..., : 32 * 128].view(1, tokens, 32, 128), qkv[..., 32 * 128 : 40 * 128].view(1, tokens, 8, 128),
+            qkv[..., 40 * 128 :].view(1, tokens, 8, 128))
+
+
+def head_norm(seed: int) -> HeadNorm:
+    norm = HeadNorm(128, 1e-6).cuda()
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(128, generator=torch.Generator("cuda").manual_seed(seed),
+                                                device="cuda"))
+    return norm
+
+
 @pytest.mark.parametrize("tokens", [1, 5])
 @pytest.mark.parametrize("qk_norm", [True, False])
 def test_norm_rope_on_qkv_views(tokens, qk_norm):
@@ -49,15 +79,10 @@ def test_norm_rope_on_qkv_views(tokens, qk_norm):
     start..start+T-1 equal HeadNorm then apply_rope."""
     from quant.kernels.norm_rope import norm_rope, takes
 
-    gen = torch.Generator("cuda").manual_seed(1)
-    qkv = torch.randn(1, tokens, 48 * 128, generator=gen, device="cuda").bfloat16()
-    q = qkv[..., : 32 * 128].view(1, tokens, 32, 128)
-    k = qkv[..., 32 * 128 : 40 * 128].view(1, tokens, 8, 128)
+    q, k, _ = qkv_views(tokens, seed=1)
     table = rope_table(300, 128, 1e6).cuda()
     rows = table[200 : 200 + tokens]
-    norm = HeadNorm(128, 1e-6).cuda()
-    with torch.no_grad():
-        norm.weight.copy_(1 + 0.1 * torch.randn(128, generator=gen, device="cuda"))
+    norm = head_norm(seed=1)
     for x in (q, k):
         assert takes(x)
         ref = apply_rope(norm(x) if qk_norm else x, rows)
@@ -66,25 +91,59 @@ def test_norm_rope_on_qkv_views(tokens, qk_norm):
         assert not within_one_ulp(norm_rope(x, norm.weight if qk_norm else None, norm.eps, table[:tokens]), ref)
 
 
+@pytest.mark.parametrize("slot", ["int", "device"])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_rope_into_cache_writes_the_slots(tokens, slot):
+    """k's norm + RoPE and v land at slots start..start+T-1 of [1, 8, S, 128] caches, exactly where the torch path
+    puts them (start as an int, or as a device tensor for one token); every other slot is left as it was."""
+    from quant.kernels.norm_rope import rope_into_cache
+
+    if slot == "device" and tokens > 1:
+        pytest.skip("a device position is one decode step")
+    _, k, v = qkv_views(tokens, seed=4)
+    table = rope_table(64, 128, 1e6).cuda()
+    start = 37
+    rows, norm = table[start : start + tokens], head_norm(seed=4)
+    k_cache, v_cache = (torch.full((1, 8, 64, 128), 7.0, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    where = torch.tensor([start], device="cuda") if slot == "device" else start
+    rope_into_cache(k, v, norm.weight, norm.eps, rows, k_cache, v_cache, where)
+    written = slice(start, start + tokens)
+    assert within_one_ulp(k_cache[:, :, written], apply_rope(norm(k), rows).transpose(1, 2))
+    assert torch.equal(v_cache[:, :, written], v.transpose(1, 2))
+    others = torch.ones(64, dtype=torch.bool)
+    others[written] = False
+    assert (k_cache[:, :, others] == 7).all() and (v_cache[:, :, others] == 7).all()
+    # negative control: the same keys written one slot later, into fresh caches, miss the expected slots
+    k_cache.fill_(7.0)
+    rope_into_cache(k, v, norm.weight, norm.eps, rows, k_cache, v_cache, start + 1)
+    assert not within_one_ulp(k_cache[:, :, written], apply_rope(norm(k), rows).transpose(1, 2))
+
+
 def test_tiny_model_with_and_without_the_kernels(tiny_checkpoint, monkeypatch):
-    """The tiny model in bf16 on the GPU: every norm and RoPE of the slow AR runs as our kernels (counted), and
-    its hidden states over a prompt agree with the torch path to bf16 accuracy."""
+    """The tiny model in bf16 on the GPU: every norm (with its residual add), RoPE and SiLU x up of the slow AR
+    runs as our kernels (counted), and its hidden states over a prompt agree with the torch path to bf16
+    accuracy."""
     from quant.kernels import norm_rope as kernels
+    from quant.kernels import swiglu
 
     model = load_model(tiny_checkpoint, torch.device("cuda"), torch.bfloat16).model
     tokens = frames_sequence(model.config, 6, 3, seed=2)[0][None].cuda()
     model.setup_caches(64, torch.bfloat16, torch.device("cuda"))
-    calls = {"rms_norm": 0, "norm_rope": 0}
+    calls = {"rms_norm": 0, "add_rms_norm": 0, "norm_rope": 0, "rope_into_cache": 0, "silu_mul": 0}
     for name in calls:
-        def counted(*args, _kernel=getattr(kernels, name), _name=name):
+        module = swiglu if name == "silu_mul" else kernels
+
+        def counted(*args, _kernel=getattr(module, name), _name=name):
             calls[_name] += 1
             return _kernel(*args)
-        monkeypatch.setattr(kernels, name, counted)
+        monkeypatch.setattr(module, name, counted)
+    layers = model.config.slow.n_layer
+    expected = {"rms_norm": 1, "add_rms_norm": 2 * layers, "norm_rope": layers, "rope_into_cache": layers,
+                "silu_mul": layers}
     with torch.inference_mode():
         fused = model.forward_slow(tokens, 0).float()
-        layers = model.config.slow.n_layer
-        assert calls == {"rms_norm": 2 * layers + 1, "norm_rope": 2 * layers}
+        assert calls == expected
         monkeypatch.setattr(model_module, "fused_kernels", lambda x: False)
         torch_path = model.forward_slow(tokens, 0).float()
-    assert calls == {"rms_norm": 2 * layers + 1, "norm_rope": 2 * layers}  # the torch path: no more calls
+    assert calls == expected  # the torch path: no more calls
     assert (fused - torch_path).norm() / torch_path.norm() < 2e-2

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from quant.base import swap_linears
 from quant.quality import Agreement, agreement
 from runtime.config import bundled_config
-from runtime.model import DualAR, KVCache
+from runtime.model import DualAR, KVCache, run_stack
 
 CONFIG = bundled_config("tiny")
 TEXT, FRAMES = 8, 48
@@ -63,9 +63,8 @@ def teacher_forced(model: DualAR, tokens: torch.Tensor, codes: torch.Tensor) -> 
         for layer in model.fast_layers:  # a fresh cache per frame: nothing is overwritten that autograd needs
             layer.attention.kv_cache = KVCache(CONFIG.fast.n_local_heads, K, CONFIG.fast.head_dim, dtype, "cpu")
         x = torch.cat([hidden[t - 1:t], model.fast_embeddings(codes[:K - 1, t])])[None]  # [1, K, D]: all 10 at once
-        for layer in model.fast_layers:
-            x = layer(x, model.fast_rope[:K], 0)
-        fast.append(model.fast_logits(model.fast_norm(x))[0, 1:])  # position k predicts codebook k
+        x = run_stack(model.fast_layers, model.fast_norm, x, model.fast_rope[:K], 0)
+        fast.append(model.fast_logits(x)[0, 1:])  # position k predicts codebook k
     return slow, torch.stack(fast)
 
 
