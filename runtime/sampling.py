@@ -4,7 +4,8 @@ Order: rank the logits; cumulative probability of the *untempered* softmax; drop
 r >= top_k (rank 0 always survives; the token whose mass first crosses top_p is dropped, unlike HF's shifted
 rule); then divide by the temperature, softmax, and draw by an exponential race (argmax p / E, E ~ Exp(1)),
 which is a multinomial draw. Only the top_k ranks can ever survive, so the work is done on `topk` values with
-a full-vocabulary log-sum-exp for the cumulative mass: equal to sorting the whole vocabulary.
+a full-vocabulary log-sum-exp for the cumulative mass: equal to sorting the whole vocabulary. On a GPU one kernel
+does all of it per draw (quant/kernels/sample.py), fed the same Exp(1) noise.
 
 Repetition-aware sampling (RAS): a second draw at temperature 1.0 / top_p 0.9 replaces the normal semantic draw
 when that token already appeared among the last 10 semantic tokens.
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quant.kernels import kernels_supported
 from runtime.errors import InputError
 
 RAS_WINDOW = 10
@@ -60,9 +62,17 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.T
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw one index per row of logits [..., V] -> [...] (int64)."""
+    """Draw one index per row of logits [..., V] -> [...] (int64). On a GPU our kernels support, one launch
+    (quant/kernels/sample.py) with the same noise from the same generator."""
+    k = min(params.top_k, logits.shape[-1])
+    race = torch.empty(*logits.shape[:-1], k, dtype=torch.float32, device=logits.device)
+    race.exponential_(1.0, generator=generator)
+    if logits.is_cuda and kernels_supported(logits.device):
+        from quant.kernels import sample as kernel
+
+        if kernel.takes(logits, k):
+            return kernel.sample_rows(logits, race, params.top_p, max(params.temperature, 1e-5))
     probs, indices = probabilities(logits, params)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     choice = (probs / race).argmax(dim=-1, keepdim=True)
     return indices.gather(-1, choice).squeeze(-1)
 

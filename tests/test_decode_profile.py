@@ -25,6 +25,7 @@ def profile():
     ("_norm_rope_kernel", "our norm / RoPE / SwiGLU"),
     ("_rms_norm_kernel", "our norm / RoPE / SwiGLU"),
     ("_silu_mul_kernel", "our norm / RoPE / SwiGLU"),
+    ("_sample_kernel", "our sampling"),
     ("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_splitK_TNT", "cuBLAS GEMM"),
     ("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>", "cuBLAS GEMM"),
     ("cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16_knob_35", "attention"),
