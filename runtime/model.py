@@ -4,9 +4,9 @@ One definition serves CPU eager, GPU eager and CUDA-graph replay; precision mode
 modules. Numerics follow the reference (spec sections 2-3): block RMSNorm rounds before the gain multiply, QK-norm
 (slow AR only) multiplies in fp32 and rounds once, RoPE uses interleaved pairs with a bf16 (cos, sin) table,
 audio positions embed as (token + 10 codebook rows) / sqrt(11), and the fast AR reads the *normed* slow hidden.
-On a GPU each residual add with the norm after it, each QK-norm + RoPE (for keys with the K/V cache writes) and
-each SiLU x up is one Triton kernel (`fused_kernels`) with that same arithmetic; the torch expressions here are
-what the CPU runs.
+On a GPU each residual add with the norm after it, each attention's QK-norm + RoPE of q and k with the K/V cache
+writes and each SiLU x up is one Triton kernel (`fused_kernels`) with that same arithmetic; the torch expressions
+here are what the CPU runs.
 
 Unlike the reference, the KV cache is sized to the request and attention reads only the valid prefix, and GQA
 is left to SDPA (`enable_gqa`) instead of copying K/V four times. A slow step at a position held on the device
@@ -89,12 +89,6 @@ def rope_table(positions: int, head_dim: int, base: float) -> torch.Tensor:
 
 def norm_rope(x: torch.Tensor, norm: HeadNorm | None, table: torch.Tensor) -> torch.Tensor:
     """q or k [B, T, H, D]: QK-norm where the stack has it, then RoPE."""
-    if fused_kernels(x):
-        from quant.kernels import norm_rope as kernels
-
-        if kernels.takes(x):
-            return kernels.norm_rope(x, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
-                                     table)
     return apply_rope(x if norm is None else norm(x), table)
 
 
@@ -120,22 +114,16 @@ class KVCache(nn.Module):
     def capacity(self) -> int:
         return self.k.shape[2]
 
-    def update(self, start: int | DevicePosition, k: torch.Tensor, v: torch.Tensor, norm: HeadNorm | None,
-               table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write norm_rope(k) and v (k, v [1, T, kv_heads, D]) at positions start..start+T-1; return the valid
-        prefix views [1, kv_heads, start+T, D] (the whole cache for a device position, T = 1)."""
-        t = k.shape[1]
+    def check(self, start: int | DevicePosition, t: int) -> None:
         if not isinstance(start, DevicePosition) and start + t > self.capacity:
             raise ValueError(f"positions {start}..{start + t - 1} exceed the cache of {self.capacity}")
-        if fused_kernels(k):
-            from quant.kernels import norm_rope as kernels
 
-            if k.shape[0] == 1 and kernels.takes(k) and v.stride() == k.stride():
-                kernels.rope_into_cache(k, v, None if norm is None else norm.weight,
-                                        0.0 if norm is None else norm.eps, table, self.k, self.v,
-                                        start.index if isinstance(start, DevicePosition) else start)
-                return self.visible(start, t)
-        k, v = norm_rope(k, norm, table).transpose(1, 2), v.transpose(1, 2)  # [1, kv_heads, T, D]
+    def update(self, start: int | DevicePosition, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [1, kv_heads, T, D] at positions start..start+T-1; return the valid prefix views (the whole
+        cache for a device position, T = 1)."""
+        t = k.shape[2]
+        self.check(start, t)
         if isinstance(start, DevicePosition):
             self.k.index_copy_(2, start.index, k)
             self.v.index_copy_(2, start.index, v)
@@ -167,8 +155,7 @@ class Attention(nn.Module):
         q = q.view(b, t, self.n_head, hd)  # [B, T, 32, 128]
         k = k.view(b, t, self.n_kv, hd)  # [B, T, 8, 128]
         v = v.view(b, t, self.n_kv, hd)
-        q = norm_rope(q, self.q_norm, rope).transpose(1, 2)  # [B, 32, T, D]
-        k, v = self.kv_cache.update(start, k, v, self.k_norm, rope)  # [B, 8, start+T, D]: the valid prefix only
+        q, k, v = self.rope_and_cache(q, k, v, rope, start)  # k, v [B, 8, start+T, D]: the valid prefix only
         if isinstance(start, DevicePosition):  # k, v: the whole cache [B, 8, capacity, D]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=start.visible, enable_gqa=True)
         else:
@@ -179,6 +166,26 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=t > 1 and start == 0,
                                                enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(b, t, self.n_head * hd))
+
+
+    def rope_and_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor,
+                       start: int | DevicePosition) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, T, 32, D], k and v [B, T, 8, D]: QK-norm + RoPE of q and k, k and v into the cache ->
+        (q [B, 32, T, D], the cache's valid k and v [B, 8, start+T, D]). One kernel on a GPU."""
+        cache = self.kv_cache
+        if fused_kernels(q):
+            from quant.kernels import norm_rope as kernels
+
+            if q.shape[0] == 1 and kernels.takes(q) and q.stride() == k.stride() == v.stride():
+                cache.check(start, q.shape[1])
+                norms = (None, None, 0.0) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight,
+                                                                       self.q_norm.eps)
+                q = kernels.rope_qkv(q, k, v, *norms, rope, cache.k, cache.v,
+                                     start.index if isinstance(start, DevicePosition) else start)
+                return (q.transpose(1, 2), *cache.visible(start, q.shape[1]))
+        q, k = norm_rope(q, self.q_norm, rope), norm_rope(k, self.k_norm, rope)
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))  # [B, H, T, D]
+        return (q, *cache.update(start, k, v))
 
 
 class FeedForward(nn.Module):

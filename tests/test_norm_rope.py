@@ -1,6 +1,6 @@
 """The one-launch norm and RoPE kernels (quant/kernels/norm_rope.py) against the model's torch expressions, on a GPU:
-at S2 shapes, on the strided q/k views the fused QKV projection yields; the residual add with the norm, and the
-keys' RoPE with both cache writes; with negative controls (a wrong eps, the wrong table rows, the wrong slot) so
+at S2 shapes, on the strided q/k/v views the fused QKV projection yields; the residual add with the norm, and
+q's and k's RoPE with both cache writes; with negative controls (a wrong eps, the wrong table rows, the wrong slot) so
 that the comparisons can fail; and the whole tiny model with and without them (on an H100 the two gave identical
 bits there: the call count shows which path ran)."""
 
@@ -72,51 +72,41 @@ def head_norm(seed: int) -> HeadNorm:
     return norm
 
 
-@pytest.mark.parametrize("tokens", [1, 5])
-@pytest.mark.parametrize("qk_norm", [True, False])
-def test_norm_rope_on_qkv_views(tokens, qk_norm):
-    """q and k as views of one [1, T, (32 + 2 x 8) x 128] projection: head norm (slow AR) and RoPE at positions
-    start..start+T-1 equal HeadNorm then apply_rope."""
-    from quant.kernels.norm_rope import norm_rope, takes
-
-    q, k, _ = qkv_views(tokens, seed=1)
-    table = rope_table(300, 128, 1e6).cuda()
-    rows = table[200 : 200 + tokens]
-    norm = head_norm(seed=1)
-    for x in (q, k):
-        assert takes(x)
-        ref = apply_rope(norm(x) if qk_norm else x, rows)
-        y = norm_rope(x, norm.weight if qk_norm else None, norm.eps, rows)
-        assert y.is_contiguous() and within_one_ulp(y, ref)
-        assert not within_one_ulp(norm_rope(x, norm.weight if qk_norm else None, norm.eps, table[:tokens]), ref)
-
-
 @pytest.mark.parametrize("slot", ["int", "device"])
-@pytest.mark.parametrize("tokens", [1, 3])
-def test_rope_into_cache_writes_the_slots(tokens, slot):
-    """k's norm + RoPE and v land at slots start..start+T-1 of [1, 8, S, 128] caches, exactly where the torch path
-    puts them (start as an int, or as a device tensor for one token); every other slot is left as it was."""
-    from quant.kernels.norm_rope import rope_into_cache
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_rope_qkv_returns_q_and_writes_the_cache_slots(tokens, qk_norm, slot):
+    """q, k, v as views of one [1, T, (32 + 2 x 8) x 128] projection: q comes back as HeadNorm then apply_rope
+    (slow AR; RoPE only in the fast AR), and k (the same) and v land at slots start..start+T-1 of [1, 8, S, 128]
+    caches, start an int or a device tensor (one decode token); every other slot is left as it was."""
+    from quant.kernels.norm_rope import rope_qkv, takes
 
     if slot == "device" and tokens > 1:
         pytest.skip("a device position is one decode step")
-    _, k, v = qkv_views(tokens, seed=4)
+    q, k, v = qkv_views(tokens, seed=1)
+    assert takes(q) and takes(k) and q.stride() == k.stride() == v.stride()
     table = rope_table(64, 128, 1e6).cuda()
     start = 37
-    rows, norm = table[start : start + tokens], head_norm(seed=4)
+    rows, q_norm, k_norm = table[start : start + tokens], head_norm(seed=1), head_norm(seed=2)
+    weights = (q_norm.weight, k_norm.weight) if qk_norm else (None, None)
     k_cache, v_cache = (torch.full((1, 8, 64, 128), 7.0, dtype=torch.bfloat16, device="cuda") for _ in range(2))
     where = torch.tensor([start], device="cuda") if slot == "device" else start
-    rope_into_cache(k, v, norm.weight, norm.eps, rows, k_cache, v_cache, where)
+    q_rot = rope_qkv(q, k, v, *weights, q_norm.eps, rows, k_cache, v_cache, where)
+    q_ref = apply_rope(q_norm(q) if qk_norm else q, rows)
+    k_ref = apply_rope(k_norm(k) if qk_norm else k, rows).transpose(1, 2)
     written = slice(start, start + tokens)
-    assert within_one_ulp(k_cache[:, :, written], apply_rope(norm(k), rows).transpose(1, 2))
+    assert q_rot.is_contiguous() and within_one_ulp(q_rot, q_ref)
+    assert within_one_ulp(k_cache[:, :, written], k_ref)
     assert torch.equal(v_cache[:, :, written], v.transpose(1, 2))
     others = torch.ones(64, dtype=torch.bool)
     others[written] = False
     assert (k_cache[:, :, others] == 7).all() and (v_cache[:, :, others] == 7).all()
-    # negative control: the same keys written one slot later, into fresh caches, miss the expected slots
+    # negative controls: the wrong table rows; the same keys one slot later, into fresh caches
+    assert not within_one_ulp(rope_qkv(q, k, v, *weights, q_norm.eps, table[:tokens], k_cache, v_cache, where),
+                              q_ref)
     k_cache.fill_(7.0)
-    rope_into_cache(k, v, norm.weight, norm.eps, rows, k_cache, v_cache, start + 1)
-    assert not within_one_ulp(k_cache[:, :, written], apply_rope(norm(k), rows).transpose(1, 2))
+    rope_qkv(q, k, v, *weights, q_norm.eps, rows, k_cache, v_cache, start + 1)
+    assert not within_one_ulp(k_cache[:, :, written], k_ref)
 
 
 def test_tiny_model_with_and_without_the_kernels(tiny_checkpoint, monkeypatch):
@@ -129,7 +119,7 @@ def test_tiny_model_with_and_without_the_kernels(tiny_checkpoint, monkeypatch):
     model = load_model(tiny_checkpoint, torch.device("cuda"), torch.bfloat16).model
     tokens = frames_sequence(model.config, 6, 3, seed=2)[0][None].cuda()
     model.setup_caches(64, torch.bfloat16, torch.device("cuda"))
-    calls = {"rms_norm": 0, "add_rms_norm": 0, "norm_rope": 0, "rope_into_cache": 0, "silu_mul": 0}
+    calls = {"rms_norm": 0, "add_rms_norm": 0, "rope_qkv": 0, "silu_mul": 0}
     for name in calls:
         module = swiglu if name == "silu_mul" else kernels
 
@@ -138,8 +128,7 @@ def test_tiny_model_with_and_without_the_kernels(tiny_checkpoint, monkeypatch):
             return _kernel(*args)
         monkeypatch.setattr(module, name, counted)
     layers = model.config.slow.n_layer
-    expected = {"rms_norm": 1, "add_rms_norm": 2 * layers, "norm_rope": layers, "rope_into_cache": layers,
-                "silu_mul": layers}
+    expected = {"rms_norm": 1, "add_rms_norm": 2 * layers, "rope_qkv": layers, "silu_mul": layers}
     with torch.inference_mode():
         fused = model.forward_slow(tokens, 0).float()
         assert calls == expected

@@ -55,6 +55,25 @@ def test_bf16_rows_of_the_decode_shapes(monkeypatch):
         assert (kernel == other_noise).float().mean() < 0.5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_p", [0.8, 1.0])
+def test_masked_logits_within_the_top_k(dtype, top_p, monkeypatch):
+    """Rows with only 5 finite logits and top_k 30: the -inf candidates never win, and the picks are the torch
+    path's."""
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.full((128, 300), float("-inf"))
+    places = torch.rand(128, 300, generator=gen).argsort(dim=1)[:, :5]
+    logits.scatter_(1, places, torch.randn(128, 5, generator=gen))
+    logits = logits.to(dtype).cuda()
+    params = SamplingParams(1.0, top_p, 30)
+    kernel = draws(logits, params, seed=7)
+    with monkeypatch.context() as patch:
+        patch.setattr(sampling, "kernels_supported", lambda device: False)
+        reference = draws(logits, params, seed=7)
+    assert torch.isfinite(logits.gather(1, kernel[:, None])).all()
+    assert (kernel == reference).float().mean() >= 0.99
+
+
 def test_draws_follow_the_distribution():
     logits = torch.tensor([[math.log(p) for p in (0.5, 0.3, 0.2)]], device="cuda").expand(20000, 3)
     freq = torch.bincount(draws(logits, SamplingParams(1.0, 1.0, 30), seed=0), minlength=3).float() / 20000

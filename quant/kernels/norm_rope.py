@@ -1,11 +1,12 @@
-"""One kernel each for the model's RMSNorm (with the residual add before it) and for QK-norm + RoPE (for keys
-with the K/V cache writes), where torch launches 9 and 19-40 small kernels.
+"""One kernel for the model's RMSNorm (with the residual add before it) and one for an attention's QK-norm + RoPE
+of q and k with both K/V cache writes, where torch launches 9 and 40 small kernels.
 
 A decode frame runs 76 layer steps (36 slow, 4 fast x 10 positions). In eager torch the block norm is 8 kernels
 (cast, square, mean, add, rsqrt, multiply, cast, gain) and a slow layer's QK-norm + RoPE of q and k 38 more: on an
 H100 these ~3 300 launches of 1-2 us made a third of a graph-replayed frame
-(benchmarks/results/decode-profile-*). With one kernel each, the residual adds before the norms and the two cache
-copies after RoPE were the next 304 launches of a frame, so they are folded in too. The arithmetic is the
+(benchmarks/results/decode-profile-*). With one kernel each, the residual adds before the norms, the two cache
+copies after RoPE and RoPE of q and k as separate launches were the next 380 launches of a frame, so they are
+folded in too. The arithmetic is the
 reference's, in the same order and precision (runtime/model.py: the residual sum rounded to the activation dtype,
 fp32 statistics, the block norm rounded before its gain, the head norm's gain in fp32 and one rounding, RoPE over
 interleaved pairs in fp32 with the bf16 table); only the order of the sums of squares differs, so results may
@@ -60,60 +61,64 @@ def _launch_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.
 
 
 @triton.jit
-def _norm_rope_kernel(x_ptr, w_ptr, table_ptr, y_ptr, v_ptr, v_out_ptr, slot_ptr, heads, positions, token_stride,
-                      out_token_stride, out_head_stride, first_slot, eps, HALF: tl.constexpr,
-                      HAS_NORM: tl.constexpr, COPY_V: tl.constexpr, SLOT_ON_DEVICE: tl.constexpr):
+def _norm_rope_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, table_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                      q_heads, kv_heads, positions, token_stride, cache_head_stride, first_slot, eps,
+                      HALF: tl.constexpr, HAS_NORM: tl.constexpr, SLOT_ON_DEVICE: tl.constexpr):
+    """One program per (token, head) of q's heads then k's: QK-norm + RoPE; q's head into q_out [T, Hq, D], k's
+    into its cache slot, with v's head of the same index copied beside it."""
     program = tl.program_id(0)
-    token, head = program // heads, program % heads
+    token, head = program // (q_heads + kv_heads), program % (q_heads + kv_heads)
     pairs = tl.arange(0, HALF)
-    src = x_ptr + token.to(tl.int64) * token_stride + head * (2 * HALF) + 2 * pairs
-    x0 = tl.load(src).to(tl.float32)  # x[2j]
-    x1 = tl.load(src + 1).to(tl.float32)  # x[2j + 1]
-    if HAS_NORM:
-        r = tl.rsqrt((tl.sum(x0 * x0, axis=0) + tl.sum(x1 * x1, axis=0)) / (2 * HALF) + eps)
-        x0 = (x0 * r * tl.load(w_ptr + 2 * pairs).to(tl.float32)).to(y_ptr.dtype.element_ty).to(tl.float32)
-        x1 = (x1 * r * tl.load(w_ptr + 2 * pairs + 1).to(tl.float32)).to(y_ptr.dtype.element_ty).to(tl.float32)
-    angle = table_ptr + (token % positions) * (2 * HALF) + 2 * pairs  # [positions, HALF, (cos, sin)]
-    cos = tl.load(angle).to(tl.float32)
-    sin = tl.load(angle + 1).to(tl.float32)
+    row = token.to(tl.int64) * token_stride
     slot = first_slot + token
     if SLOT_ON_DEVICE:  # a decode step's position, read on the device (graph replays)
         slot += tl.load(slot_ptr)
-    out = slot.to(tl.int64) * out_token_stride + head * out_head_stride
-    tl.store(y_ptr + out + 2 * pairs, (x0 * cos - x1 * sin).to(y_ptr.dtype.element_ty))
-    tl.store(y_ptr + out + 2 * pairs + 1, (x1 * cos + x0 * sin).to(y_ptr.dtype.element_ty))
-    if COPY_V:  # v of the same token and head, to the same place in its cache
+    if head < q_heads:
+        src = q_ptr + row + head * (2 * HALF)
+        w_ptr = qw_ptr
+        dst = q_out_ptr + (token.to(tl.int64) * q_heads + head) * (2 * HALF)
+    else:
+        src = k_ptr + row + (head - q_heads) * (2 * HALF)
+        w_ptr = kw_ptr
+        cache = slot.to(tl.int64) * (2 * HALF) + (head - q_heads) * cache_head_stride  # [1, Hkv, S, D]
+        dst = k_cache_ptr + cache
         cols = tl.arange(0, 2 * HALF)
-        v = tl.load(v_ptr + token.to(tl.int64) * token_stride + head * (2 * HALF) + cols)
-        tl.store(v_out_ptr + out + cols, v)
+        tl.store(v_cache_ptr + cache + cols, tl.load(v_ptr + row + (head - q_heads) * (2 * HALF) + cols))
+    x0 = tl.load(src + 2 * pairs).to(tl.float32)  # x[2j]
+    x1 = tl.load(src + 2 * pairs + 1).to(tl.float32)  # x[2j + 1]
+    if HAS_NORM:
+        r = tl.rsqrt((tl.sum(x0 * x0, axis=0) + tl.sum(x1 * x1, axis=0)) / (2 * HALF) + eps)
+        x0 = (x0 * r * tl.load(w_ptr + 2 * pairs).to(tl.float32)).to(q_out_ptr.dtype.element_ty).to(tl.float32)
+        x1 = (x1 * r * tl.load(w_ptr + 2 * pairs + 1).to(tl.float32)).to(q_out_ptr.dtype.element_ty).to(tl.float32)
+    angle = table_ptr + (token % positions) * (2 * HALF) + 2 * pairs  # [positions, HALF, (cos, sin)]
+    cos = tl.load(angle).to(tl.float32)
+    sin = tl.load(angle + 1).to(tl.float32)
+    tl.store(dst + 2 * pairs, (x0 * cos - x1 * sin).to(q_out_ptr.dtype.element_ty))
+    tl.store(dst + 2 * pairs + 1, (x1 * cos + x0 * sin).to(q_out_ptr.dtype.element_ty))
 
 
-def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, table: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, D] (unit stride over D, heads adjacent, tokens evenly spaced: a view of the fused QKV
-    projection), optional head-norm gain [D], table [T, D/2, 2] -> RoPE(head_norm(x)), contiguous, x's dtype."""
-    b, t, h, d = x.shape
-    y = torch.empty(b, t, h, d, dtype=x.dtype, device=x.device)
-    _norm_rope_kernel[(b * t * h,)](x, weight if weight is not None else x, table, y, x, y, x, h, t, x.stride(1),
-                                    h * d, d, 0, eps, HALF=d // 2, HAS_NORM=weight is not None, COPY_V=False,
-                                    SLOT_ON_DEVICE=False)
-    return y
-
-
-def rope_into_cache(k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor | None, eps: float, table: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, start: int | torch.Tensor) -> None:
-    """k, v [1, T, H, D] (views as norm_rope reads, with equal strides), table [T, D/2, 2], caches [1, H, S, D]
-    contiguous: RoPE(head_norm(k)) and v written at slots start..start+T-1 in one launch, where norm_rope and
-    two cache copies took three. `start`: an int, or a [1] int64 tensor on the device (a graph-replayed step)."""
-    _, t, h, d = k.shape
+def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
+             k_weight: torch.Tensor | None, eps: float, table: torch.Tensor, k_cache: torch.Tensor,
+             v_cache: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+    """q [1, T, Hq, D], k and v [1, T, Hkv, D] (views of the fused QKV projection with equal strides), optional
+    head-norm gains [D], table [T, D/2, 2], caches [1, Hkv, S, D] contiguous: in one launch, where norm_rope of q
+    and of k and two cache copies took four, RoPE(head_norm(k)) and v are written at slots start..start+T-1 and
+    RoPE(head_norm(q)) is returned, contiguous. `start`: an int, or a [1] int64 tensor on the device (a
+    graph-replayed step)."""
+    _, t, hq, d = q.shape
+    hkv = k.shape[2]
+    q_out = torch.empty(1, t, hq, d, dtype=q.dtype, device=q.device)
     on_device = isinstance(start, torch.Tensor)
-    _norm_rope_kernel[(t * h,)](k, weight if weight is not None else k, table, k_cache, v, v_cache,
-                                start if on_device else k, h, t, k.stride(1), d, k_cache.stride(1),
-                                0 if on_device else start, eps, HALF=d // 2, HAS_NORM=weight is not None,
-                                COPY_V=True, SLOT_ON_DEVICE=on_device)
+    _norm_rope_kernel[(t * (hq + hkv),)](q, k, v, q if q_weight is None else q_weight,
+                                         k if k_weight is None else k_weight, table, q_out, k_cache, v_cache,
+                                         start if on_device else q, hq, hkv, t, q.stride(1), k_cache.stride(1),
+                                         0 if on_device else start, eps, HALF=d // 2, HAS_NORM=q_weight is not None,
+                                         SLOT_ON_DEVICE=on_device)
+    return q_out
 
 
 def takes(x: torch.Tensor) -> bool:
-    """Whether a [B, T, H, D] view has the layout norm_rope reads."""
+    """Whether a [B, T, H, D] view has the layout rope_qkv reads."""
     b, t, h, d = x.shape
     return (x.stride(3) == 1 and x.stride(2) == d and (b == 1 or x.stride(0) == t * x.stride(1))
             and d % 2 == 0 and d // 2 == triton.next_power_of_2(d // 2))

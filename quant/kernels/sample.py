@@ -2,13 +2,13 @@
 launches (top-k alone, two kernels of ~16 us on an H100 for a 4 097-wide row, was 0.35 ms of a decode frame).
 
 Per row, in one program: the full-vocabulary log-sum-exp; the top_k largest logits found by bisection on an
-order-preserving integer key (32 counting passes over the row, no sort), ties at the cut taken lowest index first;
-the candidates compacted into a small scratch row and ranked there by comparing every pair; the cumulative mass
-of the untempered softmax in rank order, rank r dropped if it exceeds top_p (rank 0 always kept); the tempered
-softmax of the survivors; and the exponential race (argmax p / E, with E the caller's Exp(1) noise in rank
-order, exactly as the torch path uses it). The sums run in another order than torch's sort, cumsum and softmax,
-so a draw whose race or top_p cut is decided in the last bits may differ; otherwise, fed the same noise, both
-pick the same token (tests/test_sample_kernel.py).
+order-preserving integer key (one counting pass over the row per significant bit, 16 for bf16; no sort), ties at
+the cut taken lowest index first; the candidates compacted into a small scratch row and ranked there by
+comparing every pair; the cumulative mass of the untempered softmax in rank order, rank r dropped if it exceeds
+top_p (rank 0 always kept); the tempered softmax of the survivors; and the exponential race (argmax p / E, with
+E the caller's Exp(1) noise in rank order, exactly as the torch path uses it). The sums run in another order than
+torch's sort, cumsum and softmax, so a draw whose race or top_p cut is decided in the last bits may differ;
+otherwise, fed the same noise, both pick the same token (tests/test_sample_kernel.py).
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from triton.language.extra import libdevice
 
 MAX_TOP_K = 128  # candidates are ranked pairwise: [KP, KP] in one program
 MAX_VOCAB = 16384  # the whole row lives in registers of one program
+LOW_BIT = {torch.bfloat16: 16, torch.float16: 13}  # float32 bits below these are zero: no need to search them
 
 
 @triton.jit
 def _sample_kernel(logits_ptr, noise_ptr, value_ptr, index_ptr, out_ptr, V, row_stride, top_p, temperature,
-                   K: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr):
+                   K: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr, LOW_BIT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     x = tl.load(logits_ptr + row * row_stride + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
@@ -33,8 +34,9 @@ def _sample_kernel(logits_ptr, noise_ptr, value_ptr, index_ptr, out_ptr, V, row_
     # uint32 keys in the order of the floats: positives get the sign bit set, negatives are inverted
     bits = x.to(tl.uint32, bitcast=True)
     key = bits ^ tl.where((bits >> 31) != 0, 0xFFFFFFFF, 0x80000000).to(tl.uint32)
+    key = (key >> LOW_BIT) << LOW_BIT  # only -inf's key has lower bits set: put every key on the searched grid
     cut = tl.zeros((), dtype=tl.uint32)  # the largest t with at least K keys >= t: the K-th largest key
-    for bit in range(31, -1, -1):
+    for bit in range(31, LOW_BIT - 1, -1):  # the keys' lower bits are zero for bf16 / fp16 logits
         trial = cut | (tl.full((), 1, tl.uint32) << bit)
         cut = tl.where(tl.sum((key >= trial).to(tl.int32), axis=0) >= K, trial, cut)
     above = key > cut
@@ -80,5 +82,6 @@ def sample_rows(logits: torch.Tensor, noise: torch.Tensor, top_p: float, tempera
     out = torch.empty(rows.shape[0], dtype=torch.int64, device=logits.device)
     block = triton.next_power_of_2(v)
     _sample_kernel[(rows.shape[0],)](rows, noise, values, indices, out, v, rows.stride(0), top_p, temperature, K=k,
-                                     BLOCK=block, KP=kp, num_warps=8 if block >= 4096 else 4)
+                                     BLOCK=block, KP=kp, LOW_BIT=LOW_BIT.get(logits.dtype, 0),
+                                     num_warps=8 if block >= 4096 else 4)
     return out.view(logits.shape[:-1])
