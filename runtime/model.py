@@ -176,7 +176,7 @@ class Attention(nn.Module):
         if fused_kernels(q):
             from quant.kernels import norm_rope as kernels
 
-            if q.shape[0] == 1 and kernels.takes(q) and q.stride() == k.stride() == v.stride():
+            if kernels.takes(q, k, v):
                 cache.check(start, q.shape[1])
                 norms = (None, None, 0.0) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight,
                                                                        self.q_norm.eps)

@@ -84,7 +84,7 @@ def test_rope_qkv_returns_q_and_writes_the_cache_slots(tokens, qk_norm, slot):
     if slot == "device" and tokens > 1:
         pytest.skip("a device position is one decode step")
     q, k, v = qkv_views(tokens, seed=1)
-    assert takes(q) and takes(k) and q.stride() == k.stride() == v.stride()
+    assert takes(q, k, v) and not takes(q, k.transpose(1, 2), v)
     table = rope_table(64, 128, 1e6).cuda()
     start = 37
     rows, q_norm, k_norm = table[start : start + tokens], head_norm(seed=1), head_norm(seed=2)
@@ -111,8 +111,8 @@ def test_rope_qkv_returns_q_and_writes_the_cache_slots(tokens, qk_norm, slot):
 
 def test_tiny_model_with_and_without_the_kernels(tiny_checkpoint, monkeypatch):
     """The tiny model in bf16 on the GPU: every norm (with its residual add), RoPE and SiLU x up of the slow AR
-    runs as our kernels (counted), and its hidden states over a prompt agree with the torch path to bf16
-    accuracy."""
+    runs as our kernels (counted), over a prompt and in a one-token decode step, and its hidden states over the
+    prompt agree with the torch path to bf16 accuracy."""
     from quant.kernels import norm_rope as kernels
     from quant.kernels import swiglu
 
@@ -131,6 +131,9 @@ def test_tiny_model_with_and_without_the_kernels(tiny_checkpoint, monkeypatch):
     expected = {"rms_norm": 1, "add_rms_norm": 2 * layers, "rope_qkv": layers, "silu_mul": layers}
     with torch.inference_mode():
         fused = model.forward_slow(tokens, 0).float()
+        assert calls == expected
+        model.forward_slow(tokens[..., -1:], torch.tensor([tokens.shape[-1]], device="cuda"))  # one decode step
+        expected = {name: 2 * n for name, n in expected.items()}
         assert calls == expected
         monkeypatch.setattr(model_module, "fused_kernels", lambda x: False)
         torch_path = model.forward_slow(tokens, 0).float()

@@ -117,8 +117,11 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.
     return q_out
 
 
-def takes(x: torch.Tensor) -> bool:
-    """Whether a [B, T, H, D] view has the layout rope_qkv reads."""
-    b, t, h, d = x.shape
-    return (x.stride(3) == 1 and x.stride(2) == d and (b == 1 or x.stride(0) == t * x.stride(1))
+def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether q, k, v [1, T, H, D] have the layout rope_qkv reads: each head's D values adjacent, heads adjacent,
+    one token stride for all three (a view's stride over a size-1 dimension means nothing: T = 1 has none)."""
+    t, d = q.shape[1], q.shape[3]
+    return (all(x.shape[0] == 1 and x.shape[1] == t and x.shape[3] == d and x.stride(3) == 1 and x.stride(2) == d
+                for x in (q, k, v))
+            and (t == 1 or q.stride(1) == k.stride(1) == v.stride(1))
             and d % 2 == 0 and d // 2 == triton.next_power_of_2(d // 2))
