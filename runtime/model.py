@@ -167,7 +167,6 @@ class Attention(nn.Module):
                                                enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(b, t, self.n_head * hd))
 
-
     def rope_and_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor,
                        start: int | DevicePosition) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, T, 32, D], k and v [B, T, 8, D]: QK-norm + RoPE of q and k, k and v into the cache ->

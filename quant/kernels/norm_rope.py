@@ -6,11 +6,10 @@ A decode frame runs 76 layer steps (36 slow, 4 fast x 10 positions). In eager to
 H100 these ~3 300 launches of 1-2 us made a third of a graph-replayed frame
 (benchmarks/results/decode-profile-*). With one kernel each, the residual adds before the norms, the two cache
 copies after RoPE and RoPE of q and k as separate launches were the next 380 launches of a frame, so they are
-folded in too. The arithmetic is the
-reference's, in the same order and precision (runtime/model.py: the residual sum rounded to the activation dtype,
-fp32 statistics, the block norm rounded before its gain, the head norm's gain in fp32 and one rounding, RoPE over
-interleaved pairs in fp32 with the bf16 table); only the order of the sums of squares differs, so results may
-differ from torch's in the last bit.
+folded in too. The arithmetic is the reference's, in the same order and precision (runtime/model.py: the residual
+sum rounded to the activation dtype, fp32 statistics, the block norm rounded before its gain, the head norm's gain
+in fp32 and one rounding, RoPE over interleaved pairs in fp32 with the bf16 table); only the order of the sums of
+squares differs, so results may differ from torch's in the last bit.
 """
 
 from __future__ import annotations
@@ -100,7 +99,7 @@ def _norm_rope_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, table_ptr, q_out_ptr,
 def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
              k_weight: torch.Tensor | None, eps: float, table: torch.Tensor, k_cache: torch.Tensor,
              v_cache: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
-    """q [1, T, Hq, D], k and v [1, T, Hkv, D] (views of the fused QKV projection with equal strides), optional
+    """q [1, T, Hq, D], k and v [1, T, Hkv, D] (views of the fused QKV projection, as `takes` checks), optional
     head-norm gains [D], table [T, D/2, 2], caches [1, Hkv, S, D] contiguous: in one launch, where norm_rope of q
     and of k and two cache copies took four, RoPE(head_norm(k)) and v are written at slots start..start+T-1 and
     RoPE(head_norm(q)) is returned, contiguous. `start`: an int, or a [1] int64 tensor on the device (a
