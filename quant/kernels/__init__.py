@@ -1,11 +1,12 @@
-"""Our Triton kernels for batch-1 decode, where the libraries have no fast path: the quantized GEMVs, and the
-model's norms and RoPE in one launch each (norm_rope.py).
+"""Our Triton kernels for batch-1 decode, where the libraries have no fast path: the quantized GEMVs, and one
+launch each where torch takes several small ones: the residual add with the norm and QK-norm + RoPE with the
+cache writes (norm_rope.py), SiLU x up (swiglu.py), a token draw (sample.py).
 
 Triton is optional: CPU installs (CI) have none, and every caller falls back without it (quantized layers to
-dequantize + matmul, the model to its torch norms and RoPE). The GEMV kernels autotune their tile on the first
-call per (shape, dtype); that call synchronizes the device, so run each quantized layer once (any warm-up step
-does it) before capturing a CUDA graph. After that a call launches one kernel on the current stream, allocates
-only its output and never syncs: it is safe inside graph capture (the norm and RoPE kernels always are).
+dequantize + matmul, the model and sampling to their torch expressions). The GEMV kernels autotune their tile on
+the first call per (shape, dtype); that call synchronizes the device, so run each quantized layer once (any
+warm-up step does it) before capturing a CUDA graph. After that a call launches one kernel on the current stream,
+allocates only its output and never syncs: it is safe inside graph capture (the other kernels always are).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def _capability(index: int) -> tuple[int, int]:
 
 
 def kernels_supported(device: torch.device) -> bool:
-    """Our kernels (the GEMVs, norm_rope) need Triton and an Ampere or newer GPU (bf16 loads, sm_80+)."""
+    """Our kernels (all of this package) need Triton and an Ampere or newer GPU (bf16 loads, sm_80+)."""
     return device.type == "cuda" and triton_available() and _capability(_index(device)) >= (8, 0)
 
 
