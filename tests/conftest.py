@@ -1,11 +1,20 @@
-"""Shared fixtures: a tiny synthetic checkpoint in the official layout, written once per test session."""
+"""Shared fixtures: a tiny synthetic checkpoint in the official layout, written once per test session.
+
+Without CUDA, our Triton kernels run in Triton's interpreter on CPU tensors where a test calls them
+(tests/test_quant_kernels.py): TRITON_INTERPRET must be set before Triton is first imported, by whichever test
+file imports it first, so it is set here.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from runtime.config import bundled_config
 from runtime.loader import load_model

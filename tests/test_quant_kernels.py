@@ -1,7 +1,7 @@
 """Our Triton GEMVs against the layer's own dequantized weight.
 
-Without CUDA the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set before Triton is
-imported), with fixed tiles; with CUDA the same tests run compiled, and the `cuda` tests add autotuning, the
+Without CUDA the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by conftest.py
+before Triton is imported), with fixed tiles; with CUDA the same tests run compiled, and the `cuda` tests add autotuning, the
 layers' dispatch and CUDA-graph replay. Everything here skips where Triton is not installed (CI).
 Note: the interpreter truncates fp32 -> bf16 instead of rounding, so bf16 outputs there carry about 2x the usual
 rounding error (still far inside the 1 % gate); fp32 inputs give a tight check.
@@ -9,15 +9,12 @@ rounding error (still far inside the 1 % gate); fp32 inputs give a tight check.
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from quant.base import error_stats, quantize_linear  # noqa: E402
