@@ -145,5 +145,6 @@ def main() -> None:
              "- checkpoint: synthetic, official layout, random bf16 weights (written by runtime/synthetic.py)"]
     write_measured(args.out, "load-bf16", gpu, date, f"Full-size load, bf16 ({gpu})", notes, rows)
 
+
 if __name__ == "__main__":
     main()
