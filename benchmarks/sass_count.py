@@ -68,18 +68,20 @@ def count(fmt: str, k: int, tile: Tile, arch: int = 90, shuffle: bool = False, q
         constexprs = {"K": k, "QBLOCK": qblock, "SHUFFLE": shuffle}
     elif fmt == "nf4-ptx":  # tile.block_n rows per work item, tile.block_k FMA chains, K over tile.num_warps warps
         kernel = _gemv_nf4_ptx_kernel
-        signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "absmax_ptr": "*fp16", "code_ptr": "*fp32", "y_ptr": "*bf16",
-                     "N": "i32", "K": "constexpr", "QBLOCK": "constexpr", "ROWS": "constexpr", "WARPS": "constexpr",
-                     "ASM": "constexpr"}
-        constexprs = {"K": k, "QBLOCK": qblock, "ROWS": tile.block_n, "WARPS": tile.num_warps,
+        signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "absmax_ptr": "*fp16", "up_ptr": "*i32",
+                     "up_absmax_ptr": "*fp16", "code_ptr": "*fp32", "y_ptr": "*bf16", "N": "i32", "K": "constexpr",
+                     "QBLOCK": "constexpr", "ROWS": "constexpr", "WARPS": "constexpr", "ASM": "constexpr",
+                     "GATED": "constexpr"}
+        constexprs = {"K": k, "QBLOCK": qblock, "ROWS": tile.block_n, "WARPS": tile.num_warps, "GATED": False,
                       "ASM": row_slice_ptx(k // tile.num_warps, qblock, tile.block_n, False, max(tile.block_k, 1),
                                            rows_first, loads_by_row)}
     else:
         kernel = _gemv8_kernel
         weight = {"fp8": "*fp8e4nv", "int8": "*i8", "fp8-bits": "*u8"}[fmt]
-        signature = {"x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": "*fp32", "y_ptr": "*bf16", "N": "i32",
-                     "K": "constexpr", "FP8_BITS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-        constexprs = {"K": k, "FP8_BITS": fmt == "fp8-bits"}
+        signature = {"x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": "*fp32", "up_ptr": weight,
+                     "up_scale_ptr": "*fp32", "y_ptr": "*bf16", "N": "i32", "K": "constexpr", "FP8_BITS": "constexpr",
+                     "GATED": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+        constexprs = {"K": k, "FP8_BITS": fmt == "fp8-bits", "GATED": False}
     if fmt != "nf4-ptx":
         constexprs |= {"BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k}
     aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())

@@ -65,6 +65,11 @@ class QuantizedLinear(nn.Module, ABC):
     def gemv(self, x: Tensor) -> Tensor:
         """One token on CUDA through our Triton kernel: x [in] -> y [out] in x's dtype."""
 
+    def gated_gemv(self, up: Self, x: Tensor) -> Tensor | None:
+        """SiLU(x @ W.T) * (x @ up's W.T) for one token x [in] in one kernel launch, where the format's kernel has a
+        gated form and `up` is laid out like this layer; None otherwise (the caller runs the two layers)."""
+        return None
+
     def gemv_applies(self, x: Tensor) -> bool:
         """Whether `forward(x)` takes the kernel path: one token, CUDA, Triton present, format-specific limits."""
         from quant.kernels import kernels_supported
@@ -132,6 +137,21 @@ class RowScaledLinear(QuantizedLinear):
         from quant.kernels.gemv8 import gemv8
 
         return gemv8(x, self.weight, self.scale)
+
+    def gated_gemv(self, up: Self, x: Tensor) -> Tensor | None:
+        from quant.kernels.gemv8 import gemv8
+
+        return gemv8(x, self.weight, self.scale, up=(up.weight, up.scale))
+
+
+def silu_gated(gate: nn.Module, up: nn.Module, x: Tensor) -> Tensor | None:
+    """An FFN's SiLU(gate(x)) * up(x) as one kernel launch: both layers quantized alike, x one token where the
+    kernels run. None elsewhere (float layers, prefill, CPU): the caller runs the two layers and the product."""
+    if not (isinstance(gate, QuantizedLinear) and type(up) is type(gate) and gate.gemv_applies(x)
+            and (up.out_features, up.in_features) == (gate.out_features, gate.in_features)):
+        return None
+    y = gate.gated_gemv(up, x.reshape(-1))
+    return None if y is None else y.view(*x.shape[:-1], gate.out_features)
 
 
 def format_class(fmt: str) -> type[QuantizedLinear]:

@@ -50,6 +50,7 @@ class NF4Linear(QuantizedLinear):
         self.register_buffer("absmax", absmax)  # [n_blocks] fp16/fp32, double quantization undone
         self.register_buffer("code", code)  # [16] fp32, the NF4 values (bitsandbytes' quant_map)
         self._stored_only = stored_only
+        self._code_values = tuple(code.tolist())  # compared without a device sync: layers gated together share it
 
     @classmethod
     def from_float(cls, weight: Tensor) -> Self:
@@ -105,6 +106,16 @@ class NF4Linear(QuantizedLinear):
     def gemv(self, x: Tensor) -> Tensor:
         from quant.kernels.gemv_nf4 import gemv_nf4
 
+        return gemv_nf4(x, *self._rows(), self.code, self.blocksize)
+
+    def gated_gemv(self, up: Self, x: Tensor) -> Tensor | None:
+        from quant.kernels.gemv_nf4 import gemv_nf4_gated
+
+        if up.blocksize != self.blocksize or up._code_values != self._code_values:
+            return None
+        return gemv_nf4_gated(x, self._rows(), up._rows(), self.code, self.blocksize)
+
+    def _rows(self) -> tuple[Tensor, Tensor]:
+        """The packed weight [out, in/2] and the block scales [out, in/blocksize], as the kernels read them."""
         rows, cols = self.out_features, self.in_features
-        return gemv_nf4(x, self.weight.view(rows, cols // 2), self.absmax.view(rows, cols // self.blocksize),
-                        self.code, self.blocksize)
+        return self.weight.view(rows, cols // 2), self.absmax.view(rows, cols // self.blocksize)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant.base import silu_gated
 from quant.kernels import kernels_supported
 from runtime.config import ModelConfig, StackConfig
 
@@ -195,11 +196,13 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(stack.intermediate_size, stack.dim, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One expression: each [B, T, intermediate] temporary is freed as soon as it is used (the planner's peak)
+        # Each [B, T, intermediate] temporary is freed as soon as it is used (the planner's peak): gate and up live
+        # only inside the expressions that consume them.
         if fused_kernels(x):
             from quant.kernels.swiglu import silu_mul
 
-            return self.w2(silu_mul(self.w1(x), self.w3(x)))
+            hidden = silu_gated(self.w1, self.w3, x)  # one launch for one token on quantized layers
+            return self.w2(hidden if hidden is not None else silu_mul(self.w1(x), self.w3(x)))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 

@@ -1,6 +1,7 @@
 """Our Triton kernels for batch-1 decode, where the libraries have no fast path: the quantized GEMVs, and one
 launch each where torch takes several small ones: the residual add with the norm and QK-norm + RoPE with the
-cache writes (norm_rope.py), SiLU x up (swiglu.py), a token draw (sample.py).
+cache writes (norm_rope.py), SiLU x up (swiglu.py; the GEMVs' gated form computes it with the FFN's gate and up
+projections in their launch), a token draw (sample.py).
 
 Triton is optional: CPU installs (CI) have none, and every caller falls back without it (quantized layers to
 dequantize + matmul, the model and sampling to their torch expressions). The GEMV kernels autotune their tile on

@@ -6,6 +6,9 @@ so there the kernel decodes the bits with integer operations (exact for every fi
 
 Layout: a program holds a [BLOCK_N, BLOCK_K] tile of weights (16-byte loads) and the matching x once for all its
 rows, accumulates products elementwise, and reduces across threads only once, at the end.
+
+The gated form reads the same rows of a second weight (the FFN's up projection beside its gate) and stores
+SiLU(gate) * up with swiglu.py's arithmetic: one launch where the two GEMVs and the product took three.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import triton
 import triton.language as tl
 
 from quant.kernels import fp8_native
+from quant.kernels.swiglu import silu_times
 from quant.kernels.tiles import Tile, autotuned, step_columns
 
 
@@ -33,10 +37,13 @@ def _gemv8_kernel(
     x_ptr,  # [K] bf16 / fp16 / fp32
     w_ptr,  # [N, K] int8 or float8_e4m3fn (uint8 when FP8_BITS), row-major
     scale_ptr,  # [N] fp32
+    up_ptr,  # GATED: the up weight, like w_ptr (otherwise w_ptr again, unread)
+    up_scale_ptr,  # GATED: its scales
     y_ptr,  # [N], x's dtype
     N,
     K: tl.constexpr,  # compile-time: the K loop below is unrolled whole
     FP8_BITS: tl.constexpr,
+    GATED: tl.constexpr,  # y = SiLU(w x) * (up x): the FFN's gate and up projections in one launch
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -44,30 +51,50 @@ def _gemv8_kernel(
     rows = tl.minimum(out_rows, N - 1)  # clamped: every load is in bounds, the store drops the duplicates
     offsets = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in tl.static_range(0, K, BLOCK_K):
         cols = step_columns(k0, offsets, K, BLOCK_K)  # [BLOCK_K]
         q = tl.load(w_ptr + rows[:, None] * K + cols[None, :], eviction_policy="evict_first")  # [BLOCK_N, BLOCK_K]
+        if GATED:
+            q_up = tl.load(up_ptr + rows[:, None] * K + cols[None, :], eviction_policy="evict_first")
         if k0 + BLOCK_K <= K:
             xk = tl.load(x_ptr + cols)
         else:
             xk = tl.load(x_ptr + k0 + offsets, mask=k0 + offsets < K, other=0.0)
-        if FP8_BITS:
-            w = _decode_e4m3_bits(q)
-        else:
-            w = q.to(tl.float32)
-        acc += w * xk.to(tl.float32)[None, :]
-    y = tl.sum(acc, axis=1) * tl.load(scale_ptr + rows)
-    if FP8_BITS:
-        y = y * 256.0
+        acc += _decode(q, FP8_BITS) * xk.to(tl.float32)[None, :]
+        if GATED:
+            acc_up += _decode(q_up, FP8_BITS) * xk.to(tl.float32)[None, :]
+    y = _row_sums(acc, scale_ptr, rows, FP8_BITS)
+    if GATED:
+        y = silu_times(y, _row_sums(acc_up, up_scale_ptr, rows, FP8_BITS), y_ptr.dtype.element_ty)
     tl.store(y_ptr + out_rows, y.to(y_ptr.dtype.element_ty), mask=out_rows < N)
 
 
-_tuned = autotuned(_gemv8_kernel)
+@triton.jit
+def _decode(q, FP8_BITS: tl.constexpr):
+    if FP8_BITS:
+        return _decode_e4m3_bits(q)
+    else:
+        return q.to(tl.float32)
+
+
+@triton.jit
+def _row_sums(acc, scale_ptr, rows, FP8_BITS: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] products -> the rows' values, scaled (fp32)."""
+    y = tl.sum(acc, axis=1) * tl.load(scale_ptr + rows)
+    if FP8_BITS:
+        y = y * 256.0
+    return y
+
+
+_tuned = autotuned(_gemv8_kernel, key=("N", "K", "GATED"))
 
 
 def gemv8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fp8_bits: bool | None = None,
-          tile: Tile | None = None) -> torch.Tensor:
-    """x [K] @ (weight [N, K] * scale [N, 1]).T -> [N] in x's dtype.
+          tile: Tile | None = None, up: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """x [K] @ (weight [N, K] * scale [N, 1]).T -> [N] in x's dtype; with `up` = (weight, scale) of a second layer
+    of the same shape and dtype, SiLU(that) * (x @ up's weight.T) instead, in one launch.
 
     `weight` is int8 or float8_e4m3fn. `fp8_bits` decodes FP8 with integer operations instead of the hardware
     conversion; None picks the conversion where the card has it (sm_89+). `tile` fixes the tile instead of
@@ -81,11 +108,16 @@ def gemv8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fp8_bit
     elif fp8_bits is None:
         fp8_bits = weight.is_cuda and not fp8_native(weight.device)
     assert x.shape == (k,) and scale.numel() == n and weight.is_contiguous() and n * k < 2**31
-    w = weight.view(torch.uint8) if fp8_bits else weight
+    up_weight, up_scale = up if up is not None else (weight, scale)
+    assert up_weight.shape == weight.shape and up_weight.dtype == weight.dtype and up_weight.is_contiguous()
+    assert up_scale.numel() == n
+    if fp8_bits:
+        weight, up_weight = weight.view(torch.uint8), up_weight.view(torch.uint8)
     y = torch.empty(n, dtype=x.dtype, device=x.device)
+    args = (x, weight, scale, up_weight, up_scale, y, n, k)
     if tile is None:
-        _tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, w, scale, y, n, k, FP8_BITS=fp8_bits)
+        _tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, FP8_BITS=fp8_bits, GATED=up is not None)
     else:
-        _gemv8_kernel[(triton.cdiv(n, tile.block_n),)](x, w, scale, y, n, k, FP8_BITS=fp8_bits,
+        _gemv8_kernel[(triton.cdiv(n, tile.block_n),)](*args, FP8_BITS=fp8_bits, GATED=up is not None,
                                                        **tile.launch_args())
     return y

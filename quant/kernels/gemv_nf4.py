@@ -16,7 +16,8 @@ autotuner picks per shape (benchmarks/results/gemv-*.md):
   weight; it wins where one warp per row keeps every SM busy (N = 2 560 on an H100).
 
 A third way, gemv_nf4_ptx.py (persistent programs with a generated-PTX inner loop), is timed against the autotuned
-kernel on the first call per shape and used where it is faster.
+kernel on the first call per shape and used where it is faster. Its gated form (`gemv_nf4_gated`: the FFN's gate
+and up projections and SiLU x up in one launch) is timed against those three launches the same way.
 
 Layout: a program reads [BLOCK_N, BLOCK_K / 8] words per (unrolled) step and the matching x once for all its
 rows; the 8 products of a word are summed in the thread that holds it, and rows are reduced once, at the end.
@@ -29,6 +30,7 @@ import triton
 import triton.language as tl
 
 from quant.kernels import gemv_nf4_ptx
+from quant.kernels.swiglu import silu_mul
 from quant.kernels.tiles import TILES, Tile, autotuned, cold_copies, graph_bench, step_columns
 
 # One word [BLOCK_N, NW] int32 ($8) and the code table's address ($9) -> the word's 8 NF4 values, nibble order
@@ -175,6 +177,49 @@ def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: 
 
 # (N, K, block size, scale dtype, device) -> the PTX plan that beat the autotuned kernel there, or None.
 _ptx_plan: dict[tuple, gemv_nf4_ptx.Plan | None] = {}
+# The same key -> the PTX plan whose gated form beat the two GEMVs and silu_mul, or None.
+_gated_plan: dict[tuple, gemv_nf4_ptx.Plan | None] = {}
+
+
+def gemv_nf4_gated(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tensor, torch.Tensor],
+                   code: torch.Tensor, blocksize: int) -> torch.Tensor | None:
+    """SiLU(x @ dequant(gate).T) * (x @ dequant(up).T) in one launch: gate and up each (packed [N, K/2] uint8,
+    absmax [N, K/blocksize]) of the same shape, sharing `code`; None where that form does not apply or the first
+    call's timing found the three launches faster (the caller runs them)."""
+    (packed, absmax), (up_packed, up_absmax) = gate, up
+    n, k = packed.shape[0], 2 * packed.shape[1]
+    if (up_packed.shape != packed.shape or up_absmax.shape != absmax.shape or up_absmax.dtype != absmax.dtype
+            or not gemv_nf4_ptx.accepts(x, k, blocksize)):
+        return None
+    words, up_words = packed.view(torch.int32), up_packed.view(torch.int32)
+    key = (n, k, blocksize, absmax.dtype, x.device)
+    if key not in _gated_plan:
+        _gated_plan[key] = _fastest_gated_plan(x, (words, absmax, up_words, up_absmax), code, blocksize)
+    plan = _gated_plan[key]
+    if plan is None:
+        return None
+    return gemv_nf4_ptx.gemv_nf4_ptx(x, words, absmax, code, blocksize, plan, up=(up_words, up_absmax))
+
+
+def _fastest_gated_plan(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], code: torch.Tensor,
+                        blocksize: int) -> gemv_nf4_ptx.Plan | None:
+    """Time the two GEMVs with silu_mul and every two-row PTX plan's gated form, cold as in _fastest_ptx_plan."""
+    k = 8 * tensors[0].shape[1]
+
+    def unfused(w, a, uw, ua):
+        return silu_mul(gemv_nf4(x, w.view(torch.uint8), a, code, blocksize),
+                        gemv_nf4(x, uw.view(torch.uint8), ua, code, blocksize))
+
+    unfused(*tensors)  # the two GEMVs choose their kernels before timing
+    weights = cold_copies(tensors)
+    best, best_ms = None, graph_bench(lambda: [unfused(*t) for t in weights])
+    for plan in gemv_nf4_ptx.PLANS:
+        if plan.rows == 2 and plan.fits(k):
+            ms = graph_bench(lambda: [gemv_nf4_ptx.gemv_nf4_ptx(x, w, a, code, blocksize, plan, up=(uw, ua))
+                                      for w, a, uw, ua in weights])
+            if ms < best_ms:
+                best, best_ms = plan, ms
+    return best
 
 
 def _autotuned(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,

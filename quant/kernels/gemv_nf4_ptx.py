@@ -23,6 +23,8 @@ one fp32 partial sum per row; the warp sums its lanes at the end. The unit loop 
 NF4 value of a nibble is a `shfl.sync` from the lane holding code[lane % 16] (a shuffle reads only the low 5 bits
 of its index, so `word >> 4i` needs no mask). With `warps` > 1 the warps of a program take equal slices of K for
 the same rows (more, shorter work items for the N = 2 560 shapes), summed through shared memory by Triton.
+The gated form pairs row g of the FFN's gate weight with row g of its up weight in one item and stores
+SiLU(gate) * up (swiglu.py's arithmetic): one launch where the two GEMVs and the product took three.
 
 CUDA only (inline PTX), bf16 x only, K a multiple of 512 per warp, block sizes dividing 512.
 """
@@ -35,6 +37,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from quant.kernels.swiglu import silu_times
 
 UNIT = 16  # columns per lane and unit: two int32 words of packed nibbles
 WARP_COLUMNS = 32 * UNIT  # columns one warp covers per unit step
@@ -175,6 +179,8 @@ def _gemv_nf4_ptx_kernel(
     x_ptr,  # [K] bf16, 16-byte aligned
     w_ptr,  # [N, K // 8] int32 words
     absmax_ptr,  # [N, K // QBLOCK] fp16 or fp32
+    up_ptr,  # GATED: the up weight's words, like w_ptr (otherwise w_ptr again, unread)
+    up_absmax_ptr,  # GATED: its scales
     code_ptr,  # [16] fp32
     y_ptr,  # [N] bf16
     N,
@@ -183,6 +189,7 @@ def _gemv_nf4_ptx_kernel(
     ROWS: tl.constexpr,
     WARPS: tl.constexpr,
     ASM: tl.constexpr,  # row_slice_ptx(K // WARPS, QBLOCK, ROWS, fp32 scales, the plan's chains and orders)
+    GATED: tl.constexpr,  # ROWS == 2: item g is row g of the gate and of the up weight; y[g] = SiLU(gate) * up
 ):
     I32: tl.constexpr = tl.pointer_type(tl.int32)
     SLICE: tl.constexpr = K // WARPS
@@ -193,21 +200,30 @@ def _gemv_nf4_ptx_kernel(
     code = (code_ptr + lane * 0).to(I32, bitcast=True)
     words = w_ptr + lane * 2 + col0 // 8
     scales = absmax_ptr + (lane * 16 + col0) // QBLOCK
-    groups = tl.cdiv(N, ROWS)
+    groups = N if GATED else tl.cdiv(N, ROWS)
     for g in tl.range(tl.program_id(0), groups, tl.num_programs(0)):
         row = g * ROWS + lane * 0
-        w0, s0 = _row_pointers(words, scales, row, N, K, QBLOCK)
         if ROWS == 1:
+            w0, s0 = _row_pointers(words, scales, row, N, K, QBLOCK)
             y0 = tl.inline_asm_elementwise(ASM, "=r,l,l,l,l", [x, code, w0, s0], dtype=tl.float32, is_pure=True,
                                            pack=1)
             tl.store(y_ptr + g, tl.sum(y0).to(y_ptr.dtype.element_ty))
         else:
-            w1, s1 = _row_pointers(words, scales, row + 1, N, K, QBLOCK)
+            if GATED:
+                w0, s0 = _row_pointers(words, scales, g + lane * 0, N, K, QBLOCK)
+                w1, s1 = _row_pointers(up_ptr + lane * 2 + col0 // 8, up_absmax_ptr + (lane * 16 + col0) // QBLOCK,
+                                       g + lane * 0, N, K, QBLOCK)
+            else:
+                w0, s0 = _row_pointers(words, scales, row, N, K, QBLOCK)
+                w1, s1 = _row_pointers(words, scales, row + 1, N, K, QBLOCK)
             y0, y1 = tl.inline_asm_elementwise(ASM, "=r,=r,l,l,l,l,l,l", [x, code, w0, s0, w1, s1],
                                                dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
-            tl.store(y_ptr + g * 2, tl.sum(y0).to(y_ptr.dtype.element_ty))
-            if g * 2 + 1 < N:
-                tl.store(y_ptr + g * 2 + 1, tl.sum(y1).to(y_ptr.dtype.element_ty))
+            if GATED:
+                tl.store(y_ptr + g, silu_times(tl.sum(y0), tl.sum(y1), y_ptr.dtype.element_ty))
+            else:
+                tl.store(y_ptr + g * 2, tl.sum(y0).to(y_ptr.dtype.element_ty))
+                if g * 2 + 1 < N:
+                    tl.store(y_ptr + g * 2 + 1, tl.sum(y1).to(y_ptr.dtype.element_ty))
 
 
 @functools.cache
@@ -216,16 +232,23 @@ def _sm_count(index: int) -> int:
 
 
 def gemv_nf4_ptx(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-                 plan: Plan) -> torch.Tensor:
-    """x [K] bf16 @ dequant(words [N, K/8] int32, absmax [N, K/blocksize], code [16]).T -> [N] bf16."""
+                 plan: Plan, up: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """x [K] bf16 @ dequant(words [N, K/8] int32, absmax [N, K/blocksize], code [16]).T -> [N] bf16; with `up` =
+    (words, absmax) of a second weight of the same shape (and code), SiLU(that) * (x @ dequant(up).T) instead.
+    The gated form needs a plan of 2 rows: an item's two rows are the gate's row and the up weight's."""
     n, k = words.shape[0], 8 * words.shape[1]
     assert accepts(x, k, blocksize) and plan.fits(k) and x.shape == (k,)
     assert absmax.dtype in (torch.float16, torch.float32) and absmax.is_contiguous() and words.is_contiguous()
+    up_words, up_absmax = up if up is not None else (words, absmax)
+    assert up_words.shape == words.shape and up_absmax.shape == absmax.shape and up_absmax.dtype == absmax.dtype
+    assert up_words.is_contiguous() and up_absmax.is_contiguous() and (up is None or plan.rows == 2)
     y = torch.empty(n, dtype=x.dtype, device=x.device)
     asm = row_slice_ptx(k // plan.warps, blocksize, plan.rows, absmax.dtype == torch.float32, plan.chains,
                         plan.rows_first, plan.loads_by_row)
-    programs = min(triton.cdiv(n, plan.rows), _sm_count(x.device.index or 0) * plan.per_sm)
+    items = n if up is not None else triton.cdiv(n, plan.rows)
+    programs = min(items, _sm_count(x.device.index or 0) * plan.per_sm)
     cap = {"maxnreg": plan.max_registers} if plan.max_registers else {}
-    _gemv_nf4_ptx_kernel[(programs,)](x, words, absmax, code, y, n, k, QBLOCK=blocksize, ROWS=plan.rows,
-                                      WARPS=plan.warps, ASM=asm, num_warps=plan.warps, **cap)
+    _gemv_nf4_ptx_kernel[(programs,)](x, words, absmax, up_words, up_absmax, code, y, n, k, QBLOCK=blocksize,
+                                      ROWS=plan.rows, WARPS=plan.warps, ASM=asm, GATED=up is not None,
+                                      num_warps=plan.warps, **cap)
     return y

@@ -1,4 +1,5 @@
 """SiLU(gate) x up in one launch, where torch takes two (the SiLU, then the product): 76 launches per decode frame.
+The GEMV kernels apply the same `silu_times` to a gate row and an up row computed in one launch (their gated form).
 
 Same arithmetic as `F.silu(gate) * up` on a GPU: x / (1 + exp(-x)) in fp32 with an accurate exp and a correctly
 rounded division, rounded to the activation dtype, then the product in fp32 rounded once more; so the results
@@ -16,13 +17,20 @@ BLOCK = 1024
 
 
 @triton.jit
+def silu_times(gate, up, DTYPE: tl.constexpr):
+    """SiLU(gate) * up with gate and up first rounded to DTYPE (as the layers' outputs are), in DTYPE."""
+    g = gate.to(DTYPE).to(tl.float32)
+    silu = tl.math.div_rn(g, 1.0 + libdevice.exp(-g)).to(DTYPE)
+    return (silu.to(tl.float32) * up.to(DTYPE).to(tl.float32)).to(DTYPE)
+
+
+@triton.jit
 def _silu_mul_kernel(gate_ptr, up_ptr, y_ptr, n, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = i < n
-    g = tl.load(gate_ptr + i, mask=inside, other=0.0).to(tl.float32)
-    silu = tl.math.div_rn(g, 1.0 + libdevice.exp(-g)).to(y_ptr.dtype.element_ty)
-    y = silu.to(tl.float32) * tl.load(up_ptr + i, mask=inside, other=0.0).to(tl.float32)
-    tl.store(y_ptr + i, y.to(y_ptr.dtype.element_ty), mask=inside)
+    gate = tl.load(gate_ptr + i, mask=inside, other=0.0)
+    up = tl.load(up_ptr + i, mask=inside, other=0.0)
+    tl.store(y_ptr + i, silu_times(gate, up, y_ptr.dtype.element_ty), mask=inside)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -87,15 +87,17 @@ def cold_copies(tensors: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, .
     return sets
 
 
-def autotuned(kernel: Any, configs: Sequence[Tile | tuple[Tile, dict[str, Any]]] = TILES) -> Any:
-    """Wrap a kernel taking BLOCK_N / BLOCK_K meta-parameters and N, K arguments in an autotuner keyed on N, K.
+def autotuned(kernel: Any, configs: Sequence[Tile | tuple[Tile, dict[str, Any]]] = TILES,
+              key: Sequence[str] = ("N", "K")) -> Any:
+    """Wrap a kernel taking BLOCK_N / BLOCK_K meta-parameters in an autotuner keyed on `key` (its N, K arguments
+    and any other argument that changes the best tile).
 
     A config is a tile, or a tile with more meta-parameters of the kernel (a choice of algorithm, say).
     """
     pairs = [c if isinstance(c, tuple) else (c, {}) for c in configs]
     triton_configs = [triton.Config({"BLOCK_N": t.block_n, "BLOCK_K": t.block_k, **extra}, num_warps=t.num_warps)
                       for t, extra in pairs]
-    return triton.autotune(configs=triton_configs, key=["N", "K"], do_bench=graph_bench)(kernel)
+    return triton.autotune(configs=triton_configs, key=list(key), do_bench=graph_bench)(kernel)
 
 
 def chosen_tiles(tuned: Any) -> dict[tuple, str]:
