@@ -151,3 +151,16 @@ def test_tiny_model_decode_step_runs_each_ffn_gated(tiny_checkpoint, monkeypatch
         three = model.forward_slow(*step).float()
     assert calls == {"gated": layers, "silu_mul": 2 * layers}
     assert torch.equal(gated, three) or error_stats(gated, three).rel_fro < 1e-2
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_nf4_layers_with_unlike_scales_run_as_three_launches():
+    """A gate with fp32 block scales (outside fp16's range) beside an up with fp16 ones: no gated form, None."""
+    pytest.importorskip("bitsandbytes")
+    gen = torch.Generator().manual_seed(3)
+    gate = quantize_linear(torch.randn(256, 512, generator=gen) * 1e-6, "nf4").cuda()
+    up = quantize_linear((torch.randn(256, 512, generator=gen) * 0.02).bfloat16(), "nf4").cuda()
+    assert gate.absmax.dtype == torch.float32 and up.absmax.dtype == torch.float16
+    x = torch.randn(1, 1, 512, device="cuda").bfloat16()
+    assert gate.gemv_applies(x) and silu_gated(gate, up, x) is None
