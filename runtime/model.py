@@ -139,6 +139,17 @@ class KVCache(nn.Module):
         return self.k[:, :, : start + t], self.v[:, :, : start + t]
 
 
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: DevicePosition) -> torch.Tensor:
+    """One query [B, 32, 1, D] over the whole cache k, v [B, 8, capacity, D] at a device position: on a GPU our
+    kernel reads only the slots up to the position; elsewhere SDPA with the visibility mask (the same values)."""
+    if fused_kernels(q):
+        from quant.kernels import decode_attention as kernel
+
+        if kernel.takes(q, k):
+            return kernel.decode_attention(q, k, v, start.index)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=start.visible, enable_gqa=True)
+
+
 class Attention(nn.Module):
     def __init__(self, stack: StackConfig, eps: float):
         super().__init__()
@@ -158,7 +169,7 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv, hd)
         q, k, v = self.rope_and_cache(q, k, v, rope, start)  # k, v [B, 8, start+T, D]: the valid prefix only
         if isinstance(start, DevicePosition):  # k, v: the whole cache [B, 8, capacity, D]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=start.visible, enable_gqa=True)
+            y = cached_attention(q, k, v, start)
         else:
             mask = None
             if t > 1 and start > 0:  # a chunk after earlier positions: causal within, full over the past

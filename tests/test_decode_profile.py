@@ -26,6 +26,8 @@ def profile():
     ("_rms_norm_kernel", "our norm / RoPE / SwiGLU"),
     ("_silu_mul_kernel", "our norm / RoPE / SwiGLU"),
     ("_sample_kernel", "our sampling"),
+    ("_decode_attention_split_kernel", "our decode attention"),
+    ("_decode_attention_combine_kernel", "our decode attention"),
     ("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_splitK_TNT", "cuBLAS GEMM"),
     ("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>", "cuBLAS GEMM"),
     ("cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16_knob_35", "attention"),

@@ -1,0 +1,112 @@
+"""Attention of one decode token over the slow AR's K/V cache, reading only the filled slots.
+
+A CUDA graph fixes every shape, so the decode step gives SDPA the whole cache [1, kv_heads, capacity, D] with a
+mask of the visible slots: its cost follows the capacity (the request's prompt plus its frame budget), not the
+position. Here the position is read on the device and the split programs past it return at once, so a step reads
+the K/V bytes of the filled slots only (flash-decoding: splits of CHUNK slots per KV head, then one combine).
+
+Numerics as SDPA's fused kernels: scores and the softmax in fp32, the probabilities rounded to the activation dtype
+for the product with V, accumulated in fp32, one rounding at the end. Query head i reads KV head
+i // (heads / kv_heads) (SDPA's enable_gqa).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 128  # cache slots per split program
+BLOCK = 64  # slots per step inside a program
+GROUP_ROWS = 16  # a KV head's query heads, padded to the smallest tl.dot tile
+
+
+@triton.jit
+def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_ptr, capacity, scale, splits,
+                  GROUP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                  ROWS: tl.constexpr):
+    """Program (kv head h, split s): the GROUP query heads of h over slots [s*CHUNK, (s+1)*CHUNK) up to the position
+    -> running max, sum of exponentials and the unnormalised output, [GROUP, D + 2] fp32 in part[h, s]."""
+    h = tl.program_id(0)
+    s = tl.program_id(1)
+    last = tl.load(pos_ptr)  # the position: slots 0..last are visible
+    rows = tl.arange(0, ROWS)
+    d = tl.arange(0, D)
+    first = s * CHUNK
+    out = part_ptr + ((h * splits + s) * GROUP + rows[:, None]) * (D + 2)  # [ROWS, 1]
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    if first <= last:
+        q = tl.load(q_ptr + (h * GROUP + rows[:, None]) * D + d[None, :], mask=rows[:, None] < GROUP, other=0.0)
+        base = h.to(tl.int64) * capacity * D
+        for start in tl.range(first, first + CHUNK, BLOCK):
+            slots = start + tl.arange(0, BLOCK)
+            seen = slots <= last
+            k = tl.load(k_ptr + base + slots[:, None] * D + d[None, :], mask=seen[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k)) * scale  # [ROWS, BLOCK] fp32
+            scores = tl.where(seen[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block past the position: nothing to add
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            l = l * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + base + slots[:, None] * D + d[None, :], mask=seen[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+    keep = rows[:, None] < GROUP
+    tl.store(out + d[None, :], acc, mask=keep)
+    tl.store(out + D + tl.zeros([ROWS, 1], tl.int32), m[:, None], mask=keep)
+    tl.store(out + D + 1 + tl.zeros([ROWS, 1], tl.int32), l[:, None], mask=keep)
+
+
+@triton.jit
+def _decode_attention_combine_kernel(part_ptr, o_ptr, splits, GROUP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr):
+    """Program i (a query head): its splits' partial results -> the attention output [D] in o's dtype."""
+    i = tl.program_id(0)
+    h, g = i // GROUP, i % GROUP
+    d = tl.arange(0, D)
+    m = tl.full([1], float("-inf"), tl.float32)
+    l = tl.zeros([1], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for s0 in tl.range(0, splits, SPLITS):
+        s = s0 + tl.arange(0, SPLITS)
+        rows = part_ptr + ((h * splits + s) * GROUP + g) * (D + 2)  # [SPLITS]
+        inside = s < splits
+        m_s = tl.load(rows + D, mask=inside, other=float("-inf"))
+        l_s = tl.load(rows + D + 1, mask=inside, other=0.0)
+        m_new = tl.maximum(m, tl.max(m_s, axis=0))
+        w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m_new))  # [SPLITS]
+        alpha = tl.exp(m - m_new)
+        acc_s = tl.load(rows[:, None] + d[None, :], mask=inside[:, None], other=0.0)  # [SPLITS, D]
+        acc = acc * alpha + tl.sum(acc_s * w[:, None], axis=0)
+        l = l * alpha + tl.sum(l_s * w, axis=0)
+        m = m_new
+    tl.store(o_ptr + i * D + d, (acc / l).to(o_ptr.dtype.element_ty))
+
+
+def takes(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """One token of one sequence ([1, heads, 1, D] q, [1, kv_heads, capacity, D] contiguous caches), D a power of
+    two of at least 16, heads a multiple of kv_heads with at most GROUP_ROWS per KV head."""
+    heads, kv_heads, d = q.shape[1], k_cache.shape[1], q.shape[-1]
+    return (q.shape[0] == 1 and q.shape[2] == 1 and k_cache.shape[0] == 1 and k_cache.is_contiguous()
+            and d >= 16 and d & (d - 1) == 0 and heads % kv_heads == 0 and heads // kv_heads <= GROUP_ROWS)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     position: torch.Tensor) -> torch.Tensor:
+    """q [1, heads, 1, D] over the cache slots 0..position (`position` [1] int64 on the device) of k_cache, v_cache
+    [1, kv_heads, capacity, D] -> [1, heads, 1, D] in q's dtype, with SDPA's default scale 1/sqrt(D)."""
+    heads, kv_heads, capacity, d = q.shape[1], k_cache.shape[1], k_cache.shape[2], q.shape[-1]
+    assert takes(q, k_cache) and v_cache.shape == k_cache.shape and v_cache.is_contiguous()
+    group = heads // kv_heads
+    splits = triton.cdiv(capacity, CHUNK)
+    part = torch.empty(kv_heads, splits, group, d + 2, dtype=torch.float32, device=q.device)
+    _decode_attention_split_kernel[(kv_heads, splits)](q.contiguous(), k_cache, v_cache, position, part, capacity,
+                                      1.0 / math.sqrt(d), splits, GROUP=group, D=d, CHUNK=CHUNK, BLOCK=BLOCK,
+                                      ROWS=GROUP_ROWS, num_warps=4)
+    out = torch.empty(heads, d, dtype=q.dtype, device=q.device)
+    _decode_attention_combine_kernel[(heads,)](part, out, splits, GROUP=group, D=d, SPLITS=32, num_warps=1)
+    return out.view(1, heads, 1, d)
