@@ -1,7 +1,8 @@
 """Our Triton kernels for batch-1 decode, where the libraries have no fast path: the quantized GEMVs, and one
 launch each where torch takes several small ones: the residual add with the norm and QK-norm + RoPE with the
 cache writes (norm_rope.py), SiLU x up (swiglu.py; the GEMVs' gated form computes it with the FFN's gate and up
-projections in their launch), a token draw (sample.py).
+projections in their launch), a token draw (sample.py), and one decode token's attention over the filled
+slots of the K/V cache (decode_attention.py).
 
 Triton is optional: CPU installs (CI) have none, and every caller falls back without it (quantized layers to
 dequantize + matmul, the model and sampling to their torch expressions). The GEMV kernels autotune their tile on
