@@ -13,10 +13,8 @@ The page goes to benchmarks/results/decode-attention-<gpu>-<date>.md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,21 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gemv import time_replays  # noqa: E402
+from gemv import graph_ms  # noqa: E402
 from quant.base import error_stats  # noqa: E402
-from report import write_measured  # noqa: E402
+from report import run_notes, write_measured  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 36
-
-
-def timed(call: Callable[[int], torch.Tensor]) -> float:
-    """ms per LAYERS calls replayed from one CUDA graph."""
-    call(0)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(LAYERS):
-            call(i)
-    return time_replays(graph, replays=50, warmup=10)
 
 
 def measure(capacity: int, position: int, device: torch.device) -> tuple[str, str]:
@@ -61,7 +49,7 @@ def measure(capacity: int, position: int, device: torch.device) -> tuple[str, st
     k, v = caches[0]
     reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=visible, enable_gqa=True)
     errors = [error_stats(fn(0), reference).rel_fro for fn in (sdpa, ours)]
-    sdpa_ms, ours_ms = timed(sdpa), timed(ours)
+    sdpa_ms, ours_ms = graph_ms(sdpa, LAYERS), graph_ms(ours, LAYERS)
     return (f"capacity {capacity}, position {position}",
             f"SDPA {sdpa_ms:.3f} ms (rel {errors[0]:.1e}); ours {ours_ms:.3f} ms (rel {errors[1]:.1e}); "
             f"{sdpa_ms / ours_ms:.2f}x")
@@ -81,16 +69,12 @@ def main() -> None:
             for position in sorted({min(550, capacity - 1), capacity - 1}):
                 rows.append(measure(capacity, position, device))
                 torch.cuda.empty_cache()
-    import triton
-
-    now = dt.datetime.now(dt.timezone.utc)
     gpu = torch.cuda.get_device_name(device)
-    notes = [f"- date: {now:%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; triton {triton.__version__}",
-             "- command: `python benchmarks/decode_attention.py" + "".join(f" {a}" for a in sys.argv[1:]) + "`",
-             f"- one bf16 query of {HEADS} heads over {KV_HEADS} KV heads of {HEAD_DIM}, slots 0..position visible; "
-             f"ms per {LAYERS} calls (each layer its own cache) replayed from one CUDA graph, median of 50; rel: "
-             "relative error against fp32 SDPA over the visible slots"]
-    write_measured(args.out, "decode-attention", gpu, now.strftime("%Y-%m-%d"),
+    date, notes = run_notes()
+    notes += [f"- one bf16 query of {HEADS} heads over {KV_HEADS} KV heads of {HEAD_DIM}, slots 0..position visible; "
+              f"ms per {LAYERS} calls (each layer its own cache) replayed from one CUDA graph, median of 50; rel: "
+              "relative error against fp32 SDPA over the visible slots"]
+    write_measured(args.out, "decode-attention", gpu, date,
                    f"Decode attention over the K/V cache: SDPA with a mask or our kernel ({gpu})", notes, rows)
 
 

@@ -13,7 +13,6 @@ The page goes to benchmarks/results/gated-gemv-<gpu>-<date>.md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 from pathlib import Path
 from typing import Callable
@@ -25,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gemv import time_replays  # noqa: E402
+from gemv import graph_ms  # noqa: E402
 from quant.base import QuantizedLinear, error_stats, quantize_linear, silu_gated  # noqa: E402
-from report import write_measured  # noqa: E402
+from report import run_notes, write_measured  # noqa: E402
 
 OUT, IN, LAYERS = 9728, 2560, 36
 
@@ -35,12 +34,7 @@ OUT, IN, LAYERS = 9728, 2560, 36
 def timed(call: Callable[[int], torch.Tensor], reference: list[torch.Tensor]) -> tuple[float, float]:
     """(ms per 36 calls replayed from one graph, relative error of the eager outputs against the reference)."""
     eager = torch.cat([call(i).view(1, -1) for i in range(LAYERS)])  # first calls: kernel choices, before capture
-    rel = error_stats(eager, torch.cat(reference)).rel_fro
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(LAYERS):
-            call(i)
-    return time_replays(graph, replays=50, warmup=10), rel
+    return graph_ms(call, LAYERS), error_stats(eager, torch.cat(reference)).rel_fro
 
 
 def measure(fmt: str, device: torch.device) -> list[tuple[str, str]]:
@@ -74,16 +68,12 @@ def main() -> None:
     with torch.inference_mode():
         for fmt in args.formats.split(","):
             rows += measure(fmt.strip(), device)
-    now = dt.datetime.now(dt.timezone.utc)
     gpu = torch.cuda.get_device_name(device)
-    import triton
-
-    notes = [f"- date: {now:%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; triton {triton.__version__}",
-             "- command: `python benchmarks/gated_gemv.py" + "".join(f" {a}" for a in sys.argv[1:]) + "`",
-             f"- {LAYERS} layers of a gate and an up weight {OUT}x{IN} each (N(0, 0.02)), one token of bf16; ms per "
-             f"{LAYERS} calls replayed from one CUDA graph (median of 50); rel: relative error against the fp32 "
-             "reference from the dequantized weights"]
-    write_measured(args.out, "gated-gemv", gpu, now.strftime("%Y-%m-%d"),
+    date, notes = run_notes()
+    notes += [f"- {LAYERS} layers of a gate and an up weight {OUT}x{IN} each (N(0, 0.02)), one token of bf16; ms per "
+              f"{LAYERS} calls replayed from one CUDA graph (median of 50); rel: relative error against the fp32 "
+              "reference from the dequantized weights"]
+    write_measured(args.out, "gated-gemv", gpu, date,
                    f"FFN gate + up + SiLU x up: three launches or one ({gpu})", notes, rows)
 
 

@@ -31,6 +31,7 @@ import traceback
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -275,6 +276,16 @@ def measure(variant: Variant, weights: list[torch.Tensor], inputs: tuple[torch.T
 
     ms = time_replays(graph, replays, warmup)
     return Cell(ms=ms, gbps=nbytes * layers / (ms * 1e-3) / 1e9, rel=acc.rel_fro, cos=acc.cosine, graph=graph_check)
+
+
+def graph_ms(call: Callable[[int], object], layers: int, replays: int = 50, warmup: int = 10) -> float:
+    """call(0), ..., call(layers - 1) captured in one CUDA graph: median ms per replay (call once before, so that
+    kernel choices happen outside the capture)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(layers):
+            call(i)
+    return time_replays(graph, replays, warmup)
 
 
 def time_replays(graph: torch.cuda.CUDAGraph, replays: int, warmup: int) -> float:

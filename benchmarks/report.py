@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import datetime
+import shlex
+import sys
 from pathlib import Path
 
+import torch
+
 from runtime.files import atomic_path
+
+
+def run_notes() -> tuple[str, list[str]]:
+    """(today's date for the file name, the page's first notes: when, with which torch and triton, the command)."""
+    import triton
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    command = shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    return now.strftime("%Y-%m-%d"), [f"- date: {now:%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
+                                      f"triton {triton.__version__}", f"- command: `{command}`"]
 
 
 def write_measured(out: Path, name: str, gpu: str, date: str, title: str, notes: list[str],
