@@ -141,7 +141,8 @@ class KVCache(nn.Module):
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: DevicePosition) -> torch.Tensor:
     """One query [B, 32, 1, D] over the whole cache k, v [B, 8, capacity, D] at a device position: on a GPU our
-    kernel reads only the slots up to the position; elsewhere SDPA with the visibility mask (the same values)."""
+    kernel reads only the slots up to the position; elsewhere SDPA with the visibility mask (equal to bf16
+    rounding)."""
     if fused_kernels(q):
         from quant.kernels import decode_attention as kernel
 

@@ -73,3 +73,30 @@ def test_takes_only_one_token_of_one_sequence():
     assert not takes(q, k[:, :, ::2])  # a strided cache
     assert not takes(q[..., :96], k[..., :96])  # head_dim not a power of two
     assert not takes(q[:, :30], k)  # heads not a multiple of kv_heads
+
+
+def test_tiny_model_decode_step_runs_the_kernel_per_slow_layer(tiny_checkpoint, monkeypatch):
+    """A one-token slow step at a device position runs our kernel once per layer (counted), and matches the same
+    step at a host position (SDPA over the valid prefix)."""
+    from quant.kernels import decode_attention as kernel
+    from runtime.loader import load_model
+    from test_model import frames_sequence
+
+    model = load_model(tiny_checkpoint, DEVICE, torch.bfloat16).model
+    tokens = frames_sequence(model.config, 6, 3, seed=2)[0][None].to(DEVICE)
+    model.setup_caches(256, torch.bfloat16, DEVICE)
+    calls = []
+
+    def counted(*args, _kernel=kernel.decode_attention):
+        calls.append(args[-1])
+        return _kernel(*args)
+
+    monkeypatch.setattr(kernel, "decode_attention", counted)
+    prompt, step, at = tokens[..., :-1], tokens[..., -1:], tokens.shape[-1] - 1
+    with torch.inference_mode():
+        model.forward_slow(prompt, 0)
+        host = model.forward_slow(step, at).float()  # a host position: SDPA over the prefix
+        assert calls == []
+        device = model.forward_slow(step, torch.tensor([at], device=DEVICE)).float()
+    assert len(calls) == model.config.slow.n_layer
+    assert error_stats(device, host).rel_fro < 2e-2

@@ -5,8 +5,9 @@ mask of the visible slots: its cost follows the capacity (the request's prompt p
 position. Here the position is read on the device and the split programs past it return at once, so a step reads
 the K/V bytes of the filled slots only (flash-decoding: splits of CHUNK slots per KV head, then one combine).
 
-Numerics as SDPA's fused kernels: scores and the softmax in fp32, the probabilities rounded to the activation dtype
-for the product with V, accumulated in fp32, one rounding at the end. Query head i reads KV head
+Numerics: scores and the softmax in fp32, the probabilities rounded to the activation dtype for the product with V
+(as flash-attention kernels do), accumulated in fp32, one rounding at the end; against fp32 SDPA the error is
+SDPA's own on bf16 (relative 2.1e-3, benchmarks/results/decode-attention-*.md). Query head i reads KV head
 i // (heads / kv_heads) (SDPA's enable_gqa).
 """
 
@@ -25,13 +26,13 @@ GROUP_ROWS = 16  # a KV head's query heads, padded to the smallest tl.dot tile
 
 @triton.jit
 def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_ptr, capacity, scale, splits,
-                  GROUP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                  ROWS: tl.constexpr):
+                                   GROUP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                                   ROWS: tl.constexpr):
     """Program (kv head h, split s): the GROUP query heads of h over slots [s*CHUNK, (s+1)*CHUNK) up to the position
     -> running max, sum of exponentials and the unnormalised output, [GROUP, D + 2] fp32 in part[h, s]."""
     h = tl.program_id(0)
     s = tl.program_id(1)
-    last = tl.load(pos_ptr)  # the position: slots 0..last are visible
+    last = tl.minimum(tl.load(pos_ptr), capacity - 1)  # the position: slots 0..last are visible
     rows = tl.arange(0, ROWS)
     d = tl.arange(0, D)
     first = s * CHUNK
@@ -63,7 +64,8 @@ def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_ptr, capac
 
 
 @triton.jit
-def _decode_attention_combine_kernel(part_ptr, o_ptr, splits, GROUP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr):
+def _decode_attention_combine_kernel(part_ptr, o_ptr, splits, GROUP: tl.constexpr, D: tl.constexpr,
+                                     SPLITS: tl.constexpr):
     """Program i (a query head): its splits' partial results -> the attention output [D] in o's dtype."""
     i = tl.program_id(0)
     h, g = i // GROUP, i % GROUP
@@ -105,8 +107,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     splits = triton.cdiv(capacity, CHUNK)
     part = torch.empty(kv_heads, splits, group, d + 2, dtype=torch.float32, device=q.device)
     _decode_attention_split_kernel[(kv_heads, splits)](q.contiguous(), k_cache, v_cache, position, part, capacity,
-                                      1.0 / math.sqrt(d), splits, GROUP=group, D=d, CHUNK=CHUNK, BLOCK=BLOCK,
-                                      ROWS=GROUP_ROWS, num_warps=4)
+                                                       1.0 / math.sqrt(d), splits, GROUP=group, D=d, CHUNK=CHUNK,
+                                                       BLOCK=BLOCK, ROWS=GROUP_ROWS, num_warps=4)
     out = torch.empty(heads, d, dtype=q.dtype, device=q.device)
     _decode_attention_combine_kernel[(heads,)](part, out, splits, GROUP=group, D=d, SPLITS=32, num_warps=1)
     return out.view(1, heads, 1, d)
