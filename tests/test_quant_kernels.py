@@ -262,3 +262,31 @@ def test_cold_copies_are_separate_and_equal():
     assert len(sets) == cold_copy_count(words.nbytes + scales.nbytes, l2) and sets[0][0] is words
     assert len({w.data_ptr() for w, _ in sets}) == len(sets)
     assert all(torch.equal(w, words) and torch.equal(a, scales) for w, a in sets)
+
+
+def test_fastest_plan_picks_the_quickest_or_keeps_the_baseline(monkeypatch):
+    """The PTX choosers' timing rule without a GPU: each candidate's graph time is what the fake bench says; the
+    baseline runs once before timing; a plan must beat the baseline to be chosen."""
+    from quant.kernels import gemv_nf4
+
+    plans = list(gemv_nf4_ptx.PLANS[:3])
+    times = {"baseline": 1.0, plans[0]: 1.2, plans[1]: 0.8, plans[2]: 0.9}
+    events = []
+    monkeypatch.setattr(gemv_nf4, "cold_copies", lambda tensors: [tensors, tensors])
+
+    def bench(fn):
+        events.append("bench")
+        results = fn()
+        assert len(results) == 2  # one call per cold copy
+        return times[results[0]]
+
+    def baseline(*t):
+        events.append("baseline")
+        return "baseline"
+
+    monkeypatch.setattr(gemv_nf4, "graph_bench", bench)
+    tensors = (torch.zeros(2), torch.ones(2))
+    assert gemv_nf4._fastest_plan(tensors, baseline, plans, lambda plan, *t: plan) == plans[1]
+    assert events[:2] == ["baseline", "bench"] and events.count("bench") == 4  # warm-up first, then 4 timings
+    times["baseline"] = 0.5
+    assert gemv_nf4._fastest_plan(tensors, baseline, plans, lambda plan, *t: plan) is None

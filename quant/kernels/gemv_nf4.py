@@ -25,6 +25,8 @@ rows; the 8 products of a word are summed in the thread that holds it, and rows 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -203,23 +205,16 @@ def gemv_nf4_gated(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor], up:
 
 def _fastest_gated_plan(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], code: torch.Tensor,
                         blocksize: int) -> gemv_nf4_ptx.Plan | None:
-    """Time the two GEMVs with silu_mul and every two-row PTX plan's gated form, cold as in _fastest_ptx_plan."""
+    """The two-row PTX plan whose gated form beats the two GEMVs with silu_mul, or None (_fastest_plan)."""
     k = 8 * tensors[0].shape[1]
 
     def unfused(w, a, uw, ua):
         return silu_mul(gemv_nf4(x, w.view(torch.uint8), a, code, blocksize),
                         gemv_nf4(x, uw.view(torch.uint8), ua, code, blocksize))
 
-    unfused(*tensors)  # the two GEMVs choose their kernels before timing
-    weights = cold_copies(tensors)
-    best, best_ms = None, graph_bench(lambda: [unfused(*t) for t in weights])
-    for plan in gemv_nf4_ptx.PLANS:
-        if plan.rows == 2 and plan.fits(k):
-            ms = graph_bench(lambda: [gemv_nf4_ptx.gemv_nf4_ptx(x, w, a, code, blocksize, plan, up=(uw, ua))
-                                      for w, a, uw, ua in weights])
-            if ms < best_ms:
-                best, best_ms = plan, ms
-    return best
+    return _fastest_plan(tensors, unfused, [plan for plan in gemv_nf4_ptx.PLANS if plan.rows == 2 and plan.fits(k)],
+                         lambda plan, w, a, uw, ua: gemv_nf4_ptx.gemv_nf4_ptx(x, w, a, code, blocksize, plan,
+                                                                              up=(uw, ua)))
 
 
 def _autotuned(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
@@ -232,17 +227,26 @@ def _autotuned(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor, code:
 
 def _fastest_ptx_plan(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                       blocksize: int) -> gemv_nf4_ptx.Plan | None:
-    """Time the autotuned kernel and every PTX plan that fits, replayed in a CUDA graph over copies of the weight
-    that do not fit in L2 together (as decode reads them); None if no plan beats the autotuned kernel."""
+    """The PTX plan that beats the autotuned kernel, or None (_fastest_plan)."""
     k = 8 * words.shape[1]
-    _autotuned(x, words, absmax, code, blocksize)  # autotune (and compile) before timing
-    weights = cold_copies((words, absmax))
-    best, best_ms = None, graph_bench(lambda: [_autotuned(x, w, a, code, blocksize) for w, a in weights])
-    for plan in gemv_nf4_ptx.PLANS:
-        if plan.fits(k):
-            ms = graph_bench(lambda: [gemv_nf4_ptx.gemv_nf4_ptx(x, w, a, code, blocksize, plan) for w, a in weights])
-            if ms < best_ms:
-                best, best_ms = plan, ms
+    return _fastest_plan((words, absmax), lambda w, a: _autotuned(x, w, a, code, blocksize),
+                         [plan for plan in gemv_nf4_ptx.PLANS if plan.fits(k)],
+                         lambda plan, w, a: gemv_nf4_ptx.gemv_nf4_ptx(x, w, a, code, blocksize, plan))
+
+
+def _fastest_plan(tensors: tuple[torch.Tensor, ...], baseline: Callable[..., torch.Tensor],
+                  plans: list[gemv_nf4_ptx.Plan],
+                  run: Callable[..., torch.Tensor]) -> gemv_nf4_ptx.Plan | None:
+    """Time `baseline(*tensors)` and `run(plan, *tensors)` for every plan, replayed in a CUDA graph over copies of
+    the tensors that do not fit in L2 together (as decode reads them); the fastest plan, None if none beats the
+    baseline. The baseline runs once first: its own kernel choices and compiling stay out of the timing."""
+    baseline(*tensors)
+    weights = cold_copies(tensors)
+    best, best_ms = None, graph_bench(lambda: [baseline(*t) for t in weights])
+    for plan in plans:
+        ms = graph_bench(lambda: [run(plan, *t) for t in weights])
+        if ms < best_ms:
+            best, best_ms = plan, ms
     return best
 
 
