@@ -8,7 +8,7 @@ variant is also checked on the GPU: its 36 eager outputs against the dequantized
 the outputs are poisoned with NaN, and one replay must reproduce the eager outputs for the new input.
 
 Run from the repository root on a CUDA machine (about 2-4 minutes on an H100, most of it Triton compiling and
-autotuning our kernels once per shape):
+our kernels' first-call choice per shape):
     python benchmarks/gemv.py
     python benchmarks/gemv.py --shapes 2560x9728 --variants ours-nf4,bnb-nf4 --no-write
 The table goes to benchmarks/results/gemv-<gpu>-<date>.md. bitsandbytes is optional: without it its column and
@@ -24,7 +24,6 @@ import gc
 import platform
 import re
 import shlex
-import statistics
 import subprocess
 import sys
 import traceback
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `python benchmarks/gemv.py`
 
 from quant.base import error_stats, reference_output  # noqa: E402
+from quant.kernels import replay_ms  # noqa: E402
 from runtime.files import atomic_path  # noqa: E402
 
 # (out, in, what the shape is in S2 Pro)
@@ -253,7 +253,7 @@ def measure(variant: Variant, weights: list[torch.Tensor], inputs: tuple[torch.T
     x, x2 = inputs
 
     variant.set_input(x)
-    eager = [variant.run(i) for i in range(layers)]  # the first call autotunes our kernels: before capture
+    eager = [variant.run(i) for i in range(layers)]  # first calls: our kernels' choices, before capture
     torch.cuda.synchronize()
     refs = [variant.reference(i) for i in range(layers)]
     acc = error_stats(torch.cat(eager), torch.cat(refs))
@@ -274,7 +274,7 @@ def measure(variant: Variant, weights: list[torch.Tensor], inputs: tuple[torch.T
         rel = error_stats(replayed, expected).rel_fro
         graph_check = f"close (rel {rel:.1e})" if rel <= GRAPH_CLOSE else f"FAIL (rel {rel:.1e})"
 
-    ms = time_replays(graph, replays, warmup)
+    ms = replay_ms(graph, replays, warmup)
     return Cell(ms=ms, gbps=nbytes * layers / (ms * 1e-3) / 1e9, rel=acc.rel_fro, cos=acc.cosine, graph=graph_check)
 
 
@@ -285,20 +285,7 @@ def graph_ms(call: Callable[[int], object], layers: int, replays: int = 50, warm
     with torch.cuda.graph(graph):
         for i in range(layers):
             call(i)
-    return time_replays(graph, replays, warmup)
-
-
-def time_replays(graph: torch.cuda.CUDAGraph, replays: int, warmup: int) -> float:
-    """Median milliseconds per replay, CUDA events around each."""
-    for _ in range(warmup):
-        graph.replay()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
-    for start, end in events:
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
+    return replay_ms(graph, replays, warmup)
 
 
 def run_shape(n: int, k: int, variants: list[type[Variant]], layers: int, replays: int, warmup: int,
@@ -387,9 +374,9 @@ def render_report(meta: dict[str, str], results: dict[tuple[int, int], dict[str,
         row = [format_check(cells[v.key]) if v.key in cells else "-" for v in variants]
         lines.append(f"| {n}x{k} | " + " | ".join(row) + " |")
     if tiles:
-        lines += ["", "## Configurations chosen on the first call (autotuner tiles; NF4: Triton or PTX kernel)", "",
-                  "| kernel | key (N, K, dtypes) | tile |", "|---|---|---|"]
-        lines += [f"| {kernel} | {key} | {tile} |" for kernel, key, tile in tiles]
+        lines += ["", "## Configurations chosen on the first call (8-bit: tile; NF4: Triton tile or PTX plan)", "",
+                  "| kernel | key (N, K, ...) | choice |", "|---|---|---|"]
+        lines += [f"| {kernel} | {key} | {choice} |" for kernel, key, choice in tiles]
     return "\n".join(lines) + "\n"
 
 
@@ -456,11 +443,10 @@ def chosen_tiles() -> list[tuple[str, str, str]]:
     if not triton_available():
         return []
     from quant.kernels import gemv8, gemv_nf4
-    from quant.kernels.tiles import chosen_tiles as picked
 
-    tiles = [(name, str(key), tile) for name, tuned in (("gemv8", gemv8._tuned), ("gemv_nf4", gemv_nf4._tuned))
-             for key, tile in picked(tuned).items()]
-    return tiles + [("gemv_nf4 path", str(key[:4]), path) for key, path in gemv_nf4.chosen_paths().items()]
+    return [(name, str(key[:-1]), choice) for name, chosen in (("gemv8", gemv8.chosen_tiles()),
+                                                                ("gemv_nf4", gemv_nf4.chosen_paths()))
+            for key, choice in chosen.items()]
 
 
 def main() -> None:

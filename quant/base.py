@@ -77,7 +77,8 @@ class QuantizedLinear(nn.Module, ABC):
         return x.is_cuda and x.numel() == self.in_features and kernels_supported(x.device)
 
     def forward(self, x: Tensor) -> Tensor:
-        # The first kernel call per (shape, dtype) autotunes, which synchronizes: call once before CUDA-graph capture.
+        # The first kernel call per (shape, dtype) times the kernel's candidates, which synchronizes: call once
+        # before CUDA-graph capture.
         if self.gemv_applies(x):
             return self.gemv(x.reshape(-1)).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequantize(x.dtype))

@@ -71,8 +71,9 @@ class FrameLoop:
 
     def run(self, on_frame: Callable[[int], None] | None, capture: bool) -> tuple[torch.Tensor, bool]:
         """Decode until <|im_end|> or the budget -> (frames [1 + num_codebooks, n] without the <|im_end|> frame,
-        stopped). `capture`: the first frame eagerly (it also warms up kernels and autotuners), the others as
-        replays of a graph captured after it; otherwise every frame eagerly through the same step."""
+        stopped). `capture`: the first frame eagerly (it also compiles the kernels and makes their first-call
+        choices), the others as replays of a graph captured after it; otherwise every frame eagerly through the same
+        step."""
         replay = self.step
         done = 0
         im_end = self.model.config.im_end_id
@@ -93,7 +94,7 @@ class FrameLoop:
         return self.frames, False
 
     def capture(self) -> torch.cuda.CUDAGraph:
-        """Capture one step (after an eager one: nothing is compiled or autotuned inside the capture)."""
+        """Capture one step (after an eager one: nothing is compiled or timed inside the capture)."""
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(self.generator)

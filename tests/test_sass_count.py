@@ -33,7 +33,7 @@ def test_shuffle_lookup_needs_fewer_instructions_than_the_gather():
     gather, _ = _count("nf4", "--k", "2560", "--tile", "1,256,1")
     words_per_thread = 2560 // 8 // 32
     assert ops.get("SHFL", 0) >= 8 * words_per_thread  # one shuffle per weight: the asm path was compiled
-    assert shuffle < gather  # the reason it exists (an autotuned choice, not a fallback in disguise)
+    assert shuffle < gather  # the reason it exists (a timed choice, not a fallback in disguise)
     assert shuffle / (2560 / 32) < 8  # instructions per weight per thread stay in single digits
 
 

@@ -5,16 +5,18 @@ projections in their launch), a token draw (sample.py), and one decode token's a
 slots of the K/V cache (decode_attention.py).
 
 Triton is optional: CPU installs (CI) have none, and every caller falls back without it (quantized layers to
-dequantize + matmul, the model and sampling to their torch expressions). The GEMV kernels autotune their tile on
-the first call per (shape, dtype); that call synchronizes the device, so run each quantized layer once (any
-warm-up step does it) before capturing a CUDA graph. After that a call launches one kernel on the current stream,
-allocates only its output and never syncs: it is safe inside graph capture (the other kernels always are).
+dequantize + matmul, the model and sampling to their torch expressions). The GEMV kernels choose their
+configuration on the first call per (shape, dtype), by timing the candidates; that call synchronizes the device, so
+run each quantized layer once (any warm-up step does it) before capturing a CUDA graph. After that a call launches
+one kernel on the current stream, allocates only its output and never syncs: it is safe inside graph capture (the
+other kernels always are).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import statistics
 
 import torch
 
@@ -41,3 +43,16 @@ def fp8_native(device: torch.device) -> bool:
 
 def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int, warmup: int) -> float:
+    """Median milliseconds per replay of a captured CUDA graph, CUDA events around each (after `warmup` untimed)."""
+    for _ in range(warmup):
+        graph.replay()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from quant.kernels import fp8_native
 from quant.kernels.swiglu import silu_times
-from quant.kernels.tiles import Tile, autotuned, step_columns
+from quant.kernels.tiles import TILES, Tile, fastest, step_columns
 
 
 @triton.jit
@@ -88,7 +88,8 @@ def _row_sums(acc, scale_ptr, rows, FP8_BITS: tl.constexpr):
     return y
 
 
-_tuned = autotuned(_gemv8_kernel, key=("N", "K", "GATED"))
+# (N, K, weight dtype, bit decode, gated, x dtype, device) -> the tile the first call timed fastest
+_tiles: dict[tuple, Tile] = {}
 
 
 def gemv8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fp8_bits: bool | None = None,
@@ -97,8 +98,8 @@ def gemv8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fp8_bit
     of the same shape and dtype, SiLU(that) * (x @ up's weight.T) instead, in one launch.
 
     `weight` is int8 or float8_e4m3fn. `fp8_bits` decodes FP8 with integer operations instead of the hardware
-    conversion; None picks the conversion where the card has it (sm_89+). `tile` fixes the tile instead of
-    autotuning (tests, the CPU interpreter).
+    conversion; None picks the conversion where the card has it (sm_89+). `tile` fixes the tile; otherwise the
+    first call per shape times every tile on copies of the weights (tiles.fastest) and keeps the quickest.
     """
     n, k = weight.shape
     if weight.dtype not in (torch.int8, torch.float8_e4m3fn):
@@ -113,11 +114,26 @@ def gemv8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fp8_bit
     assert up_scale.numel() == n
     if fp8_bits:
         weight, up_weight = weight.view(torch.uint8), up_weight.view(torch.uint8)
-    y = torch.empty(n, dtype=x.dtype, device=x.device)
-    args = (x, weight, scale, up_weight, up_scale, y, n, k)
+    gated = up is not None
     if tile is None:
-        _tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, FP8_BITS=fp8_bits, GATED=up is not None)
-    else:
-        _gemv8_kernel[(triton.cdiv(n, tile.block_n),)](*args, FP8_BITS=fp8_bits, GATED=up is not None,
-                                                       **tile.launch_args())
+        key = (n, k, weight.dtype, fp8_bits, gated, x.dtype, x.device)
+        if key not in _tiles:
+            tensors = (weight, scale, up_weight, up_scale) if gated else (weight, scale)
+            _tiles[key] = fastest(tensors, TILES, lambda t, w, s, *u: _launch(x, w, s, *(u or (w, s)), fp8_bits,
+                                                                               gated, t))
+        tile = _tiles[key]
+    return _launch(x, weight, scale, up_weight, up_scale, fp8_bits, gated, tile)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, up_weight: torch.Tensor,
+            up_scale: torch.Tensor, fp8_bits: bool, gated: bool, tile: Tile) -> torch.Tensor:
+    n, k = weight.shape
+    y = torch.empty(n, dtype=x.dtype, device=x.device)
+    _gemv8_kernel[(triton.cdiv(n, tile.block_n),)](x, weight, scale, up_weight, up_scale, y, n, k, FP8_BITS=fp8_bits,
+                                                   GATED=gated, **tile.launch_args())
     return y
+
+
+def chosen_tiles() -> dict[tuple, str]:
+    """Per key of the first calls so far, the tile they chose (for benchmark reports)."""
+    return {key: str(tile) for key, tile in _tiles.items()}

@@ -7,16 +7,17 @@ columns.
 
 y[n] = sum_b absmax[n, b] * sum_{k in block b} code[q[n, k]] * x[k], accumulated in fp32.
 
-The kernel is bound by instruction issue, and the lookup of the 16 NF4 values is most of it. Two ways, and the
-autotuner picks per shape (benchmarks/results/gemv-*.md):
+The kernel is bound by instruction issue, and the lookup of the 16 NF4 values is most of it. Two ways, chosen per
+shape with the tile (benchmarks/results/gemv-*.md):
 - gather: `tl.gather` from a [16] register table; Triton lowers it to warp shuffles plus index arithmetic;
 - shuffle (bf16 x only): one `shfl.sync` per value straight from the code's bits. Every lane holds code[lane % 16]
   (read inside the same asm, so it is right whatever layout the compiler gives the word tensor), and a shuffle
   reads only the low 5 bits of its lane index, so `word >> 4i` needs no mask. About 30 % fewer instructions per
   weight; it wins where one warp per row keeps every SM busy (N = 2 560 on an H100).
 
-A third way, gemv_nf4_ptx.py (persistent programs with a generated-PTX inner loop), is timed against the autotuned
-kernel on the first call per shape and used where it is faster. Its gated form (`gemv_nf4_gated`: the FFN's gate
+A third way, gemv_nf4_ptx.py (persistent programs with a generated-PTX inner loop), is one more candidate: the
+first call per shape times every Triton configuration and PTX plan the input allows, on copies of the weight read
+from DRAM as in decode (tiles.fastest), and keeps the quickest. Its gated form (`gemv_nf4_gated`: the FFN's gate
 and up projections and SiLU x up in one launch) is timed against those three launches the same way.
 
 Layout: a program reads [BLOCK_N, BLOCK_K / 8] words per (unrolled) step and the matching x once for all its
@@ -25,7 +26,7 @@ rows; the 8 products of a word are summed in the thread that holds it, and rows 
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -33,7 +34,7 @@ import triton.language as tl
 
 from quant.kernels import gemv_nf4_ptx
 from quant.kernels.swiglu import silu_mul
-from quant.kernels.tiles import TILES, Tile, autotuned, cold_copies, graph_bench, step_columns
+from quant.kernels.tiles import TILES, Tile, fastest, step_columns
 
 # One word [BLOCK_N, NW] int32 ($8) and the code table's address ($9) -> the word's 8 NF4 values, nibble order
 # (value i from bits 4i..4i+3). ptxas hoists the lane's table read out of the unrolled loop (one LDG per kernel).
@@ -137,9 +138,20 @@ def _gemv_nf4_kernel(
     tl.store(y_ptr + out_rows, y.to(y_ptr.dtype.element_ty), mask=out_rows < N)
 
 
+@dataclass(frozen=True)
+class TritonChoice:
+    """The Triton kernel above with a tile and a lookup (`shuffle`: bf16 x only)."""
+
+    tile: Tile
+    shuffle: bool = False
+
+    def __str__(self) -> str:
+        return f"Triton {self.tile}" + (", shuffle lookup" if self.shuffle else "")
+
+
 # The shared tiles with the gather, and the two measured winners with the shuffle.
-_tuned = autotuned(_gemv_nf4_kernel, [(tile, {"SHUFFLE": False}) for tile in TILES]
-                   + [(Tile(1, 256, 1), {"SHUFFLE": True}), (Tile(2, 128, 1), {"SHUFFLE": True})])
+TRITON_CHOICES: tuple[TritonChoice, ...] = (*(TritonChoice(tile) for tile in TILES),
+                                            TritonChoice(Tile(1, 256, 1), True), TritonChoice(Tile(2, 128, 1), True))
 
 
 def kernel_accepts(in_features: int, blocksize: int) -> bool:
@@ -151,8 +163,9 @@ def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: 
              *, tile: Tile | None = None, shuffle: bool = False) -> torch.Tensor:
     """x [K] @ dequant(packed [N, K/2] uint8, absmax [N, K/blocksize], code [16]).T -> [N] in x's dtype.
 
-    `tile` (and `shuffle`, the lookup) fix the configuration instead of autotuning (tests, the CPU interpreter,
-    which runs no inline asm).
+    `tile` (and `shuffle`, the lookup) fix the Triton kernel's configuration (tests, the CPU interpreter, which runs
+    no inline asm); otherwise the first call per shape times the Triton configurations and the PTX plans on copies
+    of the weight (tiles.fastest) and keeps the quickest.
     """
     n, half_k = packed.shape
     k = 2 * half_k
@@ -163,23 +176,32 @@ def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: 
     if x.data_ptr() % 16:
         x = x.clone()  # a view at an odd offset: the kernels read x as 16-byte vectors of bf16 pairs
     if tile is not None:
-        y = torch.empty(n, dtype=x.dtype, device=x.device)
-        _gemv_nf4_kernel[(triton.cdiv(n, tile.block_n),)](x, words, absmax, code, y, n, k, QBLOCK=blocksize,
-                                                          SHUFFLE=shuffle, **tile.launch_args())
-        return y
-    if gemv_nf4_ptx.accepts(x, k, blocksize):
-        key = (n, k, blocksize, absmax.dtype, x.device)
-        if key not in _ptx_plan:
-            _ptx_plan[key] = _fastest_ptx_plan(x, words, absmax, code, blocksize)
-        plan = _ptx_plan[key]
-        if plan is not None:
-            return gemv_nf4_ptx.gemv_nf4_ptx(x, words, absmax, code, blocksize, plan)
-    return _autotuned(x, words, absmax, code, blocksize)
+        return _run(TritonChoice(tile, shuffle), x, words, absmax, code, blocksize)
+    key = (n, k, blocksize, absmax.dtype, x.dtype, x.device)
+    if key not in _choice:
+        candidates: list[TritonChoice | gemv_nf4_ptx.Plan] = [
+            choice for choice in TRITON_CHOICES if not choice.shuffle or x.dtype == torch.bfloat16]
+        if gemv_nf4_ptx.accepts(x, k, blocksize):
+            candidates += [plan for plan in gemv_nf4_ptx.PLANS if plan.fits(k)]
+        _choice[key] = fastest((words, absmax), candidates,
+                               lambda choice, w, a: _run(choice, x, w, a, code, blocksize))
+    return _run(_choice[key], x, words, absmax, code, blocksize)
 
 
-# (N, K, block size, scale dtype, device) -> the PTX plan that beat the autotuned kernel there, or None.
-_ptx_plan: dict[tuple, gemv_nf4_ptx.Plan | None] = {}
-# The same key -> the PTX plan whose gated form beat the two GEMVs and silu_mul, or None.
+def _run(choice: TritonChoice | gemv_nf4_ptx.Plan, x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor,
+         code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    if isinstance(choice, gemv_nf4_ptx.Plan):
+        return gemv_nf4_ptx.gemv_nf4_ptx(x, words, absmax, code, blocksize, choice)
+    n, k = words.shape[0], 8 * words.shape[1]
+    y = torch.empty(n, dtype=x.dtype, device=x.device)
+    _gemv_nf4_kernel[(triton.cdiv(n, choice.tile.block_n),)](x, words, absmax, code, y, n, k, QBLOCK=blocksize,
+                                                             SHUFFLE=choice.shuffle, **choice.tile.launch_args())
+    return y
+
+
+# (N, K, block size, scale dtype, x dtype, device) -> the configuration the first call timed quickest.
+_choice: dict[tuple, TritonChoice | gemv_nf4_ptx.Plan] = {}
+# (N, K, block size, scale dtype, device) -> the PTX plan whose gated form beat the two GEMVs and silu_mul, or None.
 _gated_plan: dict[tuple, gemv_nf4_ptx.Plan | None] = {}
 
 
@@ -196,60 +218,22 @@ def gemv_nf4_gated(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor], up:
     words, up_words = packed.view(torch.int32), up_packed.view(torch.int32)
     key = (n, k, blocksize, absmax.dtype, x.device)
     if key not in _gated_plan:
-        _gated_plan[key] = _fastest_gated_plan(x, (words, absmax, up_words, up_absmax), code, blocksize)
+        def run(plan: gemv_nf4_ptx.Plan | None, w: torch.Tensor, a: torch.Tensor, uw: torch.Tensor,
+                ua: torch.Tensor) -> torch.Tensor:
+            if plan is None:  # the three launches
+                return silu_mul(gemv_nf4(x, w.view(torch.uint8), a, code, blocksize),
+                                gemv_nf4(x, uw.view(torch.uint8), ua, code, blocksize))
+            return gemv_nf4_ptx.gemv_nf4_ptx(x, w, a, code, blocksize, plan, up=(uw, ua))
+
+        plans = [plan for plan in gemv_nf4_ptx.PLANS if plan.rows == 2 and plan.fits(k)]
+        _gated_plan[key] = fastest((words, absmax, up_words, up_absmax), [None, *plans], run)
     plan = _gated_plan[key]
     if plan is None:
         return None
     return gemv_nf4_ptx.gemv_nf4_ptx(x, words, absmax, code, blocksize, plan, up=(up_words, up_absmax))
 
 
-def _fastest_gated_plan(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], code: torch.Tensor,
-                        blocksize: int) -> gemv_nf4_ptx.Plan | None:
-    """The two-row PTX plan whose gated form beats the two GEMVs with silu_mul, or None (_fastest_plan)."""
-    k = 8 * tensors[0].shape[1]
-
-    def unfused(w, a, uw, ua):
-        return silu_mul(gemv_nf4(x, w.view(torch.uint8), a, code, blocksize),
-                        gemv_nf4(x, uw.view(torch.uint8), ua, code, blocksize))
-
-    return _fastest_plan(tensors, unfused, [plan for plan in gemv_nf4_ptx.PLANS if plan.rows == 2 and plan.fits(k)],
-                         lambda plan, w, a, uw, ua: gemv_nf4_ptx.gemv_nf4_ptx(x, w, a, code, blocksize, plan,
-                                                                              up=(uw, ua)))
-
-
-def _autotuned(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-               blocksize: int) -> torch.Tensor:
-    n, k = words.shape[0], 8 * words.shape[1]
-    y = torch.empty(n, dtype=x.dtype, device=x.device)
-    _tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, words, absmax, code, y, n, k, QBLOCK=blocksize)
-    return y
-
-
-def _fastest_ptx_plan(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                      blocksize: int) -> gemv_nf4_ptx.Plan | None:
-    """The PTX plan that beats the autotuned kernel, or None (_fastest_plan)."""
-    k = 8 * words.shape[1]
-    return _fastest_plan((words, absmax), lambda w, a: _autotuned(x, w, a, code, blocksize),
-                         [plan for plan in gemv_nf4_ptx.PLANS if plan.fits(k)],
-                         lambda plan, w, a: gemv_nf4_ptx.gemv_nf4_ptx(x, w, a, code, blocksize, plan))
-
-
-def _fastest_plan(tensors: tuple[torch.Tensor, ...], baseline: Callable[..., torch.Tensor],
-                  plans: list[gemv_nf4_ptx.Plan],
-                  run: Callable[..., torch.Tensor]) -> gemv_nf4_ptx.Plan | None:
-    """Time `baseline(*tensors)` and `run(plan, *tensors)` for every plan, replayed in a CUDA graph over copies of
-    the tensors that do not fit in L2 together (as decode reads them); the fastest plan, None if none beats the
-    baseline. The baseline runs once first: its own kernel choices and compiling stay out of the timing."""
-    baseline(*tensors)
-    weights = cold_copies(tensors)
-    best, best_ms = None, graph_bench(lambda: [baseline(*t) for t in weights])
-    for plan in plans:
-        ms = graph_bench(lambda: [run(plan, *t) for t in weights])
-        if ms < best_ms:
-            best, best_ms = plan, ms
-    return best
-
-
 def chosen_paths() -> dict[tuple, str]:
-    """Per shape key, which NF4 kernel the first call chose (for benchmark reports)."""
-    return {key: f"PTX {plan}" if plan else "Triton (autotuned tile)" for key, plan in _ptx_plan.items()}
+    """Per key of the first calls so far, the configuration they chose (for benchmark reports)."""
+    return {key: f"PTX {choice}" if isinstance(choice, gemv_nf4_ptx.Plan) else str(choice)
+            for key, choice in _choice.items()}

@@ -1,21 +1,24 @@
-"""Tile configurations shared by the GEMV kernels, the autotuner built from them, and how they are timed.
+"""Tile configurations shared by the GEMV kernels, and how the first call per shape chooses among candidates.
 
 A batch-1 GEMV on these shapes (8-50 MB of weights, a few microseconds per call) is bound by instruction issue
 and memory latency, not by DRAM bandwidth. Both kernels take K as a compile-time constant and unroll the whole K
 loop, so the compiler can issue a row's loads before its arithmetic: on an H100 that alone made them 15-25 %
 faster than a software-pipelined loop over a runtime K (benchmarks/results/gemv-*.md). The winning programs
-are small, one warp over 1-2 rows, many of them; which one wins depends on N and K, hence autotuning keyed on both.
+are small, one warp over 1-2 rows, many of them; which one wins depends on N and K, so the first call per shape
+times the candidates (`fastest`) the way decode runs them: in a CUDA graph, each weight read from DRAM.
 """
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import triton
 import triton.language as tl
-import triton.testing
+
+from quant.kernels import replay_ms
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class Tile:
 
 
 # The tiles that won some S2 shape for some format in a wider sweep on an H100 (1-8 rows, 128-2048 columns, 1-8
-# warps); a short list keeps the first-call autotuning (and its compilation per K) quick.
+# warps); a short list keeps the first call's timing (and its compilation per K) quick.
 TILES: tuple[Tile, ...] = (
     Tile(1, 256, 1),
     Tile(2, 256, 1),
@@ -51,13 +54,15 @@ def step_columns(k0, offsets, K: tl.constexpr, BLOCK_K: tl.constexpr):
         return tl.minimum(k0 + offsets, K - 1)
 
 
-def graph_bench(fn: Callable[[], Any], quantiles: Any = None) -> Any:
-    """Time a kernel configuration as decode runs it: replayed in a CUDA graph, no launch overhead per call.
-
-    Eager timing (Triton's default) adds microseconds of launch latency to kernels that run for 5-10 us and
-    picked tiles up to 10 % slower in the graph (H100). 20 ms per tile keeps the first call quick.
-    """
-    return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
+def graph_bench(fn: Callable[[], Any], replays: int = 20, warmup: int = 3) -> float:
+    """Time a kernel configuration as decode runs it: `fn` (its calls over the cold copies) captured once in a CUDA
+    graph, the median replay in ms. No launch latency per call: timed eagerly, Triton's default, tiles of kernels
+    that run 5-10 us came out up to 10 % slower in the graph (H100). One capture and a few short replays keep the
+    first call quick (0.05-0.24 s per S2 shape on an H100 once compiled; benchmarks/results/kernel-choice-*.md)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return replay_ms(graph, replays, warmup)
 
 
 def cold_copy_count(nbytes: int, l2_bytes: int, limit: int = 32) -> int:
@@ -87,19 +92,38 @@ def cold_copies(tensors: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, .
     return sets
 
 
-def autotuned(kernel: Any, configs: Sequence[Tile | tuple[Tile, dict[str, Any]]] = TILES,
-              key: Sequence[str] = ("N", "K")) -> Any:
-    """Wrap a kernel taking BLOCK_N / BLOCK_K meta-parameters in an autotuner keyed on `key` (its N, K arguments
-    and any other argument that changes the best tile).
+Candidate = TypeVar("Candidate")
 
-    A config is a tile, or a tile with more meta-parameters of the kernel (a choice of algorithm, say).
+NEAR = 0.05  # candidates within this fraction of the quickest are timed again
+ROUNDS = 3  # timings of each such candidate, interleaved; the median decides
+CALLS = 36  # calls per timed replay at least (one per slow-AR layer): the graph's own launch stays a small part
+
+
+def fastest(tensors: tuple[torch.Tensor, ...], candidates: Sequence[Candidate],
+            run: Callable[..., Any]) -> Candidate:
+    """The candidate c whose `run(c, *tensors)` is quickest, each replayed in a CUDA graph over copies of the tensors
+    that do not fit in L2 together (cold_copies); the first of equal times wins, so list a default first.
+
+    Every candidate runs once before any timing: compiling (and any choice of its own) stays out of the timing and
+    out of the graph capture. Timed hot, in L2, Triton's autotuner picked 8-bit tiles 5-12 % slower in decode on an
+    H100 (FP8 2560x4096 0.223 vs 0.200 ms per 36 cold calls). One timing each was not enough either: NF4 2560x4096's
+    two best plans, 3 % apart, swapped in one of five processes; so the near ones are timed again, in turns, and
+    their medians compared (benchmarks/results/kernel-choice-*.md).
     """
-    pairs = [c if isinstance(c, tuple) else (c, {}) for c in configs]
-    triton_configs = [triton.Config({"BLOCK_N": t.block_n, "BLOCK_K": t.block_k, **extra}, num_warps=t.num_warps)
-                      for t, extra in pairs]
-    return triton.autotune(configs=triton_configs, key=list(key), do_bench=graph_bench)(kernel)
+    for candidate in candidates:
+        run(candidate, *tensors)
+    sets = cold_copies(tensors)
+    calls = [sets[j % len(sets)] for j in range(max(CALLS, len(sets)))]  # the copies in turn
 
+    def timed(i: int) -> float:
+        return graph_bench(lambda: [run(candidates[i], *t) for t in calls])
 
-def chosen_tiles(tuned: Any) -> dict[tuple, str]:
-    """The tile the autotuner picked per key (for benchmark reports)."""
-    return {key: str(config) for key, config in tuned.cache.items()}
+    times = [[timed(i)] for i in range(len(candidates))]
+    best = min(t[0] for t in times)
+    near = [i for i, t in enumerate(times) if t[0] <= best * (1 + NEAR)]
+    if len(near) > 1:
+        for _ in range(ROUNDS - 1):
+            for i in near:
+                times[i].append(timed(i))
+    medians = {i: statistics.median(times[i]) for i in near}
+    return candidates[min(near, key=lambda i: (medians[i], i))]
