@@ -1,8 +1,8 @@
 """Our Triton GEMVs against the layer's own dequantized weight.
 
 Without CUDA the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by conftest.py
-before Triton is imported), with fixed tiles; with CUDA the same tests run compiled, and the `cuda` tests add autotuning, the
-layers' dispatch and CUDA-graph replay. Everything here skips where Triton is not installed (CI).
+before Triton is imported), with fixed tiles; with CUDA the same tests run compiled, and the `cuda` tests add the
+first-call choice, the layers' dispatch and CUDA-graph replay. Everything here skips where Triton is not installed (CI).
 Note: the interpreter truncates fp32 -> bf16 instead of rounding, so bf16 outputs there carry about 2x the usual
 rounding error (still far inside the 1 % gate); fp32 inputs give a tight check.
 """
@@ -143,13 +143,14 @@ def test_nf4_shuffle_lookup(tile, n, k):
 @requires_cuda
 @pytest.mark.parametrize("fmt", ["nf4", "fp8", "int8"])
 @pytest.mark.parametrize("n, k", [(6144, 2560), (2560, 4096), (9728, 2560), (2560, 9728), (4096, 2560), (4097, 2560)])
-def test_layer_dispatch_autotune_and_graph_replay(fmt, n, k):
-    """On the GPU: one-token forward takes the kernel, autotunes, then replays correctly in a CUDA graph."""
+def test_layer_dispatch_choice_and_graph_replay(fmt, n, k):
+    """On the GPU: one-token forward takes the kernel, chooses its configuration, then replays correctly in a CUDA
+    graph."""
     layer = _layer(fmt, n, k)
     x = torch.randn(1, 1, k, device=DEVICE, dtype=torch.bfloat16)
     assert layer.gemv_applies(x)
     ref = x.float().reshape(1, k) @ layer.dequantize().T
-    eager = layer(x)  # autotunes: must happen before capture
+    eager = layer(x)  # the first call chooses the configuration: before capture
     assert eager.shape == (1, 1, n) and error_stats(eager, ref).ok()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
