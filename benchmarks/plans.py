@@ -153,8 +153,9 @@ def main() -> None:
         "(what the card holds) and peak allocated memory (what tensors use). "
         "'in use before' = total - free on the card right after CUDA initialisation (context and whatever else "
         "holds the GPU). GiB = 2^30 bytes",
-        "- first run ms/frame: the first generation of the process, prefill included (the kernels' first-call choices and warm-up "
-        "and graph capture too); warm ms/frame: a second generation of the same prompt, per frame after the first\n"
+        "- first run ms/frame: the first generation of the process, prefill included (the kernels' first-call "
+        "choices, warm-up and graph capture too; compiling them where Triton's cache is empty); warm ms/frame: a "
+        "second generation of the same prompt, per frame after the first\n"
         "- the first run is not a "
         "speed measurement",
         "",
