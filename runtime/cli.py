@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 import torch
 
+from quant.kernels import compile_cache_empty, kernels_supported
 from runtime import __version__
 from runtime.audio import FRAME_RATE
 from runtime.checkpoint import expected_shapes, open_checkpoint, validate
@@ -202,6 +203,9 @@ def synthesize(
     if frames < max_new_tokens:
         click.echo(f"note: at most {frames} frames fit in --max-context {max_context} beside the "
                    f"{prompt.shape[1]}-token prompt", err=True)
+    if target.type == "cuda" and kernels_supported(target) and compile_cache_empty():
+        click.echo("note: Triton's kernel cache is empty: the first frame compiles the GPU kernels (once per machine, "
+                   "up to a few minutes)", err=True)
     start = time.perf_counter()
     with click.progressbar(length=frames * len(batches), label="generating", file=sys.stderr) as bar:
         long = generate_batches(model, loaded.tokenizer, batches, references, config,

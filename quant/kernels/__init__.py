@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -34,6 +35,18 @@ def _capability(index: int) -> tuple[int, int]:
 def kernels_supported(device: torch.device) -> bool:
     """Our kernels (all of this package) need Triton and an Ampere or newer GPU (bf16 loads, sm_80+)."""
     return device.type == "cuda" and triton_available() and _capability(_index(device)) >= (8, 0)
+
+
+def compile_cache_empty() -> bool:
+    """Whether Triton's kernel cache (TRITON_CACHE_DIR, ~/.triton/cache by default) holds nothing yet: then the first
+    decode step compiles every kernel it uses, about 100 s for the NF4 plans on an H100 host
+    (benchmarks/results/kernel-choice-*.md), once per machine."""
+    if not triton_available():
+        return False
+    import triton.knobs
+
+    path = Path(triton.knobs.cache.dir)
+    return not path.is_dir() or next(path.iterdir(), None) is None
 
 
 def fp8_native(device: torch.device) -> bool:
