@@ -309,3 +309,24 @@ def test_fastest_times_every_candidate_cold_then_the_near_ones_again(monkeypatch
     # a tie keeps the first listed; the default keeps its place when nothing beats it
     assert choose({none: [0.5, 0.5, 0.5], a: [1.2], b: [0.8], c: [0.5, 0.5, 0.5]}) is None
     assert choose({none: [0.5], a: [1.2], b: [0.8], c: [0.9]}) is None
+
+
+def test_fastest_leaves_out_a_candidate_this_gpu_cannot_run(monkeypatch):
+    """A candidate whose first run fails to compile or launch for lack of resources is not timed; when every one
+    fails the error surfaces."""
+    from triton.runtime.errors import OutOfResources
+
+    from quant.kernels import tiles
+
+    monkeypatch.setattr(tiles, "cold_copies", lambda tensors: [tensors])
+    monkeypatch.setattr(tiles, "graph_bench", lambda fn: {"small": 2.0, "large": 1.0}[fn()[0]])
+
+    def run(candidate, t):
+        if candidate == "large":
+            raise OutOfResources(200_000, 101_376, "shared memory")
+        return candidate
+
+    assert tiles.fastest((torch.zeros(2),), ["small", "large"], run) == "small"
+    with pytest.raises(OutOfResources):
+        tiles.fastest((torch.zeros(2),), ["large"], run)
+
