@@ -293,7 +293,7 @@ def test_fastest_times_every_candidate_cold_then_the_near_ones_again(monkeypatch
 
         monkeypatch.setattr(tiles, "graph_bench", bench)
         chosen = tiles.fastest(copies[0], candidates, run)
-        assert events[:4] == candidates  # each runs once before any timing
+        assert events[0] == candidates[0] and set(events[:4]) == set(candidates)  # each once before any timing
         return chosen
 
     def timed():
@@ -309,6 +309,27 @@ def test_fastest_times_every_candidate_cold_then_the_near_ones_again(monkeypatch
     # a tie keeps the first listed; the default keeps its place when nothing beats it
     assert choose({none: [0.5, 0.5, 0.5], a: [1.2], b: [0.8], c: [0.5, 0.5, 0.5]}) is None
     assert choose({none: [0.5], a: [1.2], b: [0.8], c: [0.9]}) is None
+
+
+def test_first_calls_run_the_default_alone_then_the_others_at_once():
+    """The first candidate (the default, which may make first-call choices of its own) runs before any other starts;
+    the others run concurrently (their compiles overlap): each waits at a barrier that only opens when both are
+    inside, so run one after the other they would time out."""
+    import threading
+
+    from quant.kernels import tiles
+
+    barrier = threading.Barrier(2, timeout=10)
+    started, finished = [], []
+
+    def run(candidate, t):
+        started.append(candidate)
+        if candidate != "default":
+            barrier.wait()
+        finished.append(candidate)
+
+    assert tiles.first_calls((torch.zeros(2),), ["default", "a", "b"], run) == ["default", "a", "b"]
+    assert started[0] == "default" and finished[0] == "default" and set(started) == {"default", "a", "b"}
 
 
 def test_fastest_leaves_out_a_candidate_this_gpu_cannot_run(monkeypatch):

@@ -10,7 +10,10 @@ times the candidates (`fastest`) the way decode runs them: in a CUDA graph, each
 
 from __future__ import annotations
 
+import os
 import statistics
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -95,6 +98,48 @@ def cold_copies(tensors: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, .
 
 
 Candidate = TypeVar("Candidate")
+CANNOT_RUN = (OutOfResources, CompileTimeAssertionFailure, PTXASError)  # this GPU lacks what the configuration needs
+
+
+def first_calls(tensors: tuple[torch.Tensor, ...], candidates: Sequence[Candidate],
+                run: Callable[..., Any]) -> list[Candidate]:
+    """Run every candidate once and return those that ran, in their order.
+
+    A candidate's first call compiles it (Triton's front end, LLVM, ptxas): the whole cost of a first run on a
+    machine whose Triton cache is empty. Compiling runs in parallel across threads, so all but the first candidate
+    run in threads of their own, on the caller's device and stream, once the work queued there is done: a shape's
+    candidates cost about the slowest one instead of their sum. The first (the default) runs alone before them: it
+    may make first-call choices of its own (the gated forms' default launches the plain GEMVs), whose CUDA graph
+    captures must not meet other threads' launches. One this GPU cannot compile or launch (CANNOT_RUN) is left
+    out; when none can run, its error is raised.
+    """
+    device = tensors[0].device
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+    def call(candidate: Candidate) -> None:
+        with ExitStack() as context:
+            if stream is not None:
+                context.enter_context(torch.cuda.device(device))
+                context.enter_context(torch.cuda.stream(stream))
+            run(candidate, *tensors)
+
+    def error_of(candidate: Candidate) -> BaseException | None:
+        try:
+            call(candidate)
+        except CANNOT_RUN as error:
+            return error
+        return None
+
+    errors = [error_of(candidates[0])]
+    if stream is not None:
+        stream.synchronize()
+    with ThreadPoolExecutor(max_workers=max(2, min(len(candidates), os.cpu_count() or 1))) as pool:
+        errors += pool.map(error_of, candidates[1:])
+    runnable = [candidate for candidate, error in zip(candidates, errors) if error is None]
+    if not runnable:
+        raise errors[0]
+    return runnable
+
 
 NEAR = 0.05  # candidates within this fraction of the quickest are timed again
 ROUNDS = 3  # timings of each such candidate, interleaved; the median decides
@@ -106,23 +151,14 @@ def fastest(tensors: tuple[torch.Tensor, ...], candidates: Sequence[Candidate],
     """The candidate c whose `run(c, *tensors)` is quickest, each replayed in a CUDA graph over copies of the tensors
     that do not fit in L2 together (cold_copies); the first of equal times wins, so list a default first.
 
-    Every candidate runs once before any timing: compiling (and any choice of its own) stays out of the timing and
-    out of the graph capture; one this GPU cannot compile or launch (registers, shared memory) is left out, as
-    Triton's autotuner does. Timed hot, in L2, Triton's autotuner picked 8-bit tiles 5-12 % slower in decode on an
+    Every candidate runs once before any timing (first_calls, which compiles them in parallel): compiling (and any
+    choice of its own) stays out of the timing and out of the graph capture; one this GPU cannot compile or launch
+    (registers, shared memory) is left out, as Triton's autotuner does. Timed hot, in L2, Triton's autotuner picked 8-bit tiles 5-12 % slower in decode on an
     H100 (FP8 2560x4096 0.223 vs 0.200 ms per 36 cold calls). One timing each was not enough either: NF4 2560x4096's
     two best plans, 3 % apart, swapped in one of five processes; so the near ones are timed again, in turns, and
     their medians compared (benchmarks/results/kernel-choice-*.md).
     """
-    runnable: list[Candidate] = []
-    for candidate in candidates:
-        try:
-            run(candidate, *tensors)
-            runnable.append(candidate)
-        except (OutOfResources, CompileTimeAssertionFailure, PTXASError) as error:
-            failure = error
-    if not runnable:
-        raise failure
-    candidates = runnable
+    candidates = first_calls(tensors, candidates, run)
     sets = cold_copies(tensors)
     calls = [sets[j % len(sets)] for j in range(max(CALLS, len(sets)))]  # the copies in turn
 
