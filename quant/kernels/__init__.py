@@ -39,7 +39,7 @@ def kernels_supported(device: torch.device) -> bool:
 
 def compile_cache_empty() -> bool:
     """Whether Triton's kernel cache (TRITON_CACHE_DIR, ~/.triton/cache by default) holds nothing yet: then the first
-    decode step compiles every kernel it uses, about 30 s for the NF4 plans on an H100 host
+    decode step compiles every kernel it uses, about 22 s for the NF4 plans on an H100 host
     (benchmarks/results/kernel-choice-*.md), once per machine."""
     if not triton_available():
         return False
