@@ -3,8 +3,9 @@
 Per precision plan (in one process, one after the other): load the checkpoint quantizing on the fly, prefill a
 prompt of a 200-frame reference and a sentence, then time a warm generation of `--frames` frames both ways
 (`GenerationConfig.cuda_graph`); ms/frame is timed from frame 17 on (past the prefill, the eagerly run first
-frame, the capture and the first chunk of replays). Also measured: the capture's time; and checked: every greedy
-frame replayed from the graph is an argmax of the eager model's logits (greedy_gap).
+frame, the capture and the first chunk of replays). Also measured: the capture's time, the time to the first frame
+with this prompt and with a 30 s reference (first_frame_ms); and checked: every greedy frame replayed from the graph
+is an argmax of the eager model's logits (greedy_gap).
 
 Run on the GPU machine:  python benchmarks/decode_speed.py --workdir /tmp/s2 --out benchmarks/results
 """
@@ -48,17 +49,24 @@ def full_checkpoint(workdir: Path) -> Path:
     return ckpt
 
 
-def plan_and_prompt(ckpt: Path, plan: str) -> tuple[DualAR, torch.Tensor]:
-    """The model loaded on the GPU in one of PLANS (quantized while loading, <|im_end|> suppressed) and the
-    measurement prompt: a 200-frame reference and a sentence (536 tokens)."""
+LONG_REFERENCE_FRAMES = 645  # a 30 s reference at 21.5 frames per second, the longest the model card advises
+
+
+def plan_and_prompts(ckpt: Path, plan: str) -> tuple[DualAR, torch.Tensor, torch.Tensor]:
+    """The model loaded on the GPU in one of PLANS (quantized while loading, <|im_end|> suppressed) and two
+    measurement prompts: a 200-frame reference and a sentence (536 tokens); a 30 s reference and the same sentence."""
     slow, fast = PLANS[plan]
     loaded = load_model(ckpt, torch.device("cuda"), torch.bfloat16, formats=WeightFormats(slow, fast))
     model = loaded.model
     never_stop(model)
-    codes = torch.randint(0, model.config.codebook_size, (10, 200), generator=torch.Generator().manual_seed(0))
-    prompt = build_prompt(loaded.tokenizer, "Hello, this is a measurement of the decoding speed.",
-                          [Reference(codes, "a reference transcript " * 8)], model.config.num_codebooks)
-    return model, prompt
+
+    def prompt(frames: int) -> torch.Tensor:
+        codes = torch.randint(0, model.config.codebook_size, (10, frames), generator=torch.Generator().manual_seed(0))
+        return build_prompt(loaded.tokenizer, "Hello, this is a measurement of the decoding speed.",
+                            [Reference(codes, "a reference transcript " * (8 * frames // 200))],
+                            model.config.num_codebooks)
+
+    return model, prompt(200), prompt(LONG_REFERENCE_FRAMES)
 
 
 def per_frame_ms(model, prompt: torch.Tensor, frames: int, graph: bool) -> float:
@@ -71,6 +79,23 @@ def per_frame_ms(model, prompt: torch.Tensor, frames: int, graph: bool) -> float
     assert result.codes.shape[1] == frames
     first = FrameLoop.check_every  # frame 16: the end of the first replayed chunk
     return (stamps[-1] - stamps[first]) / (len(stamps) - 1 - first) * 1e3
+
+
+def first_frame_ms(model, prompt: torch.Tensor) -> tuple[float, float]:
+    """Warm (a generation of this prompt first): the prompt's prefill alone, and the time from calling generate to
+    its first frame (the prefill, the eagerly run first frame and the graph's capture), in ms."""
+    generate(model, prompt, GenerationConfig(max_new_tokens=4, seed=0))  # cache sized and kernels chosen
+    with torch.inference_mode():
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.forward_slow(prompt[None].cuda(), 0)
+        torch.cuda.synchronize()
+        prefill = time.perf_counter() - start
+    stamps: list[float] = []
+    start = time.perf_counter()
+    generate(model, prompt, GenerationConfig(max_new_tokens=32, seed=0), on_frame=lambda _i: stamps.append(
+        time.perf_counter()))
+    return prefill * 1e3, (stamps[0] - start) * 1e3
 
 
 def capture_ms(model, prompt: torch.Tensor) -> float:
@@ -120,12 +145,14 @@ def main() -> None:
     rows = []
     for name in args.plans.split(","):
         slow, fast = PLANS[name]
-        model, prompt = plan_and_prompt(ckpt, name)
+        model, prompt, long_prompt = plan_and_prompts(ckpt, name)
         eager_ms = per_frame_ms(model, prompt, args.frames, graph=False)
         graph_ms = per_frame_ms(model, prompt, args.frames, graph=True)
         gap = greedy_gap(model, prompt, 48)
         capture = capture_ms(model, prompt)
-        rows.append((name, f"{slow}/{fast}", prompt.shape[1], eager_ms, graph_ms, capture, gap))
+        firsts = [first_frame_ms(model, p) for p in (prompt, long_prompt)]
+        long_tokens = long_prompt.shape[1]
+        rows.append((name, f"{slow}/{fast}", prompt.shape[1], eager_ms, graph_ms, capture, gap, firsts))
         print(rows[-1], flush=True)
         del model
         gc.collect()
@@ -143,14 +170,20 @@ def main() -> None:
         "16 replays excluded); audio runs at 21.5 frames per second, so 46.5 ms/frame is real time",
         "- greedy check: 48 greedy frames replayed from the graph, re-scored by one eager forward over prompt and "
         "frames; the largest shortfall of a chosen semantic token below the best logit, in logit standard "
-        "deviations (0: all argmax; a slow step one position off scored 0.18 on the tiny model)", "",
+        "deviations (0: all argmax; a slow step one position off scored 0.18 on the tiny model)",
+        f"- first frame: warm, from the call to generate to its first frame (the prefill, the eager first frame, the "
+        f"capture), and the prefill alone; for the table's prompt and for a {LONG_REFERENCE_FRAMES}-frame (30 s) "
+        f"reference with the same sentence ({long_tokens} tokens)", "",
         "| plan (slow/fast AR) | prompt tokens | eager ms/frame | graph ms/frame | speed-up | graph: audio s per s "
-        "| capture ms (once per request) | greedy check (std) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| capture ms (once per request) | greedy check (std) | first frame ms (prefill ms) | 30 s reference: first "
+        "frame ms (prefill ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, formats, prompt_len, eager_ms, graph_ms, capture, gap in rows:
+    for name, formats, prompt_len, eager_ms, graph_ms, capture, gap, firsts in rows:
+        (short_prefill, short_first), (long_prefill, long_first) = firsts
         lines.append(f"| {name} ({formats}) | {prompt_len} | {eager_ms:.1f} | {graph_ms:.2f} | "
-                     f"{eager_ms / graph_ms:.1f}x | {1e3 / graph_ms / 21.5:.1f} | {capture:.0f} | {gap:.3f} |")
+                     f"{eager_ms / graph_ms:.1f}x | {1e3 / graph_ms / 21.5:.1f} | {capture:.0f} | {gap:.3f} | "
+                     f"{short_first:.0f} ({short_prefill:.0f}) | {long_first:.0f} ({long_prefill:.0f}) |")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"decode-{gpu.replace(' ', '-')}-{now:%Y-%m-%d}.md"
     with atomic_path(path) as tmp:
