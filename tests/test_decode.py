@@ -114,7 +114,8 @@ def test_frame_loop_stops_at_im_end_and_reports_each_frame(model64, monkeypatch,
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_captured_graph_replays_the_frame_loop(tiny_checkpoint, monkeypatch):
     """On a GPU: one graph replay per frame decodes the frames the same loop decodes eagerly (greedy, in fp32: no
-    draw to differ and no ties for topk to break either way), and seeded runs repeat."""
+    draw to differ and no ties for topk to break either way), and seeded runs repeat: the first run of a sampling
+    configuration steps eagerly before its capture, the next captures first, and both draw the same frames."""
     model = load_model(tiny_checkpoint, torch.device("cuda"), torch.float32).model
     prompt = frames_sequence(model.config, 6, 3, seed=2)[0]
     greedy = GenerationConfig(max_new_tokens=40, sampling=SamplingParams(top_k=1), seed=0)
@@ -145,3 +146,41 @@ def test_one_graph_per_request_and_none_for_a_single_frame(model64, monkeypatch,
     with torch.inference_mode():
         columns, _ = loop.run(None, capture=True)
     assert len(calls) == captures and columns.shape[1] <= budget
+
+
+def test_a_later_request_of_the_same_configuration_captures_before_its_first_frame(model64, monkeypatch):
+    """The first request of a (capacity, dtype, device, sampling) configuration steps eagerly once (compiling and
+    first-call choices happen there), then captures; the next one of that configuration captures first; another
+    sampling configuration (a new top_k specializes the draw kernel) or cache capacity steps eagerly first again.
+    On the CPU the "graph" is the step itself; steps and captures are logged in order."""
+    events = []
+    real_step = engine.FrameLoop.step
+
+    def step(loop):
+        events.append("step")
+        real_step(loop)
+
+    def fake_capture(loop):
+        events.append("capture")
+        return SimpleNamespace(replay=loop.step)
+
+    monkeypatch.setattr(engine.FrameLoop, "step", step)
+    monkeypatch.setattr(engine.FrameLoop, "capture", fake_capture)
+
+    def run(capacity: int, params: SamplingParams, budget: int = 3) -> list[str]:
+        if model64.capacity != capacity:
+            model64.setup_caches(capacity, torch.float64, "cpu")
+        events.clear()
+        hidden = torch.randn(1, model64.config.dim, dtype=torch.float64)
+        loop = engine.FrameLoop(model64, hidden, 20, budget, params, torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            loop.run(None, capture=True)
+        return list(events)
+
+    eager_first, capture_first = ["step", "capture", "step", "step"], ["capture", "step", "step", "step"]
+    assert run(64, SamplingParams()) == eager_first
+    assert run(64, SamplingParams()) == capture_first
+    assert run(64, SamplingParams(top_k=5)) == eager_first
+    assert run(64, SamplingParams(top_k=5)) == capture_first
+    assert run(64, SamplingParams(), budget=1) == ["step"]  # a single frame: nothing to capture
+    assert run(128, SamplingParams()) == eager_first  # new caches, other kernel specializations
