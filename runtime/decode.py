@@ -80,8 +80,9 @@ class FrameLoop:
         stopped). `capture`: every frame a replay of one captured graph. The first request of a configuration
         (capacity, dtype, device, sampling) on a model runs its first frame eagerly, which compiles the kernels and
         makes their first-call choices (neither may happen inside a capture), and captures after it; later ones
-        capture before their first frame, which saves an eager frame (50-110 ms on an H100) per request and per
-        batch of a long text. Otherwise every frame eagerly through the same step."""
+        capture before their first frame, which saves an eager frame (0-35 ms of the time to the first frame on an
+        H100: benchmarks/results/decode-*.md) per request and per batch of a long text. Otherwise every frame
+        eagerly through the same step."""
         key = (self.model.capacity, self.hidden.dtype, self.hidden.device, self.params)
         captured = capture and self.budget > 1 and key in _stepped.get(self.model, ())
         replay = self.capture().replay if captured else self.step
