@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from decode_speed import PLANS, full_checkpoint, plan_and_prompt  # noqa: E402
+from decode_speed import PLANS, full_checkpoint, plan_and_prompts  # noqa: E402
 
 from runtime.decode import FrameLoop  # noqa: E402
 from runtime.engine import bucket  # noqa: E402
@@ -49,7 +49,7 @@ def family(kernel: str) -> str:
 
 def profile_plan(ckpt: Path, plan: str) -> tuple[float, float, dict[str, tuple[float, float]]]:
     """-> (wall ms/frame, kernels/frame, {family: (ms/frame, kernels/frame)})."""
-    model, prompt = plan_and_prompt(ckpt, plan)
+    model, prompt, _ = plan_and_prompts(ckpt, plan)
     budget = 64
     model.setup_caches(bucket(prompt.shape[1] + budget), torch.bfloat16, torch.device("cuda"))
     generator = torch.Generator("cuda").manual_seed(0)
