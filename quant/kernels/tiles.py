@@ -153,10 +153,10 @@ def fastest(tensors: tuple[torch.Tensor, ...], candidates: Sequence[Candidate],
 
     Every candidate runs once before any timing (first_calls, which compiles them in parallel): compiling (and any
     choice of its own) stays out of the timing and out of the graph capture; one this GPU cannot compile or launch
-    (registers, shared memory) is left out, as Triton's autotuner does. Timed hot, in L2, Triton's autotuner picked 8-bit tiles 5-12 % slower in decode on an
-    H100 (FP8 2560x4096 0.223 vs 0.200 ms per 36 cold calls). One timing each was not enough either: NF4 2560x4096's
-    two best plans, 3 % apart, swapped in one of five processes; so the near ones are timed again, in turns, and
-    their medians compared (benchmarks/results/kernel-choice-*.md).
+    (registers, shared memory) is left out, as Triton's autotuner does. Timed hot, in L2, Triton's autotuner picked
+    8-bit tiles 5-12 % slower in decode on an H100 (FP8 2560x4096 0.223 vs 0.200 ms per 36 cold calls). One timing
+    each was not enough either: NF4 2560x4096's two best plans, 3 % apart, swapped in one of five processes; so the
+    near ones are timed again, in turns, and their medians compared (benchmarks/results/kernel-choice-*.md).
     """
     candidates = first_calls(tensors, candidates, run)
     sets = cold_copies(tensors)
