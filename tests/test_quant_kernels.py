@@ -332,6 +332,25 @@ def test_first_calls_run_the_default_alone_then_the_others_at_once():
     assert started[0] == "default" and finished[0] == "default" and set(started) == {"default", "a", "b"}
 
 
+def test_nf4_times_the_triton_shuffle_tile_only_where_no_ptx_plan_applies(monkeypatch):
+    """bf16 x where the PTX plans apply: the gather tiles and the plans that fit K; where they do not (or K fits
+    none), the shuffle tile instead of them; fp16 x: the gather tiles alone."""
+    from quant.kernels import gemv_nf4 as nf4_kernels
+
+    x = torch.zeros(4096, dtype=torch.bfloat16)
+    gathers = [choice for choice in nf4_kernels.TRITON_CHOICES if not choice.shuffle]
+    shuffles = [choice for choice in nf4_kernels.TRITON_CHOICES if choice.shuffle]
+    assert gathers and shuffles
+    monkeypatch.setattr(gemv_nf4_ptx, "accepts", lambda x, k, blocksize: x.dtype == torch.bfloat16)
+    fitting = [plan for plan in gemv_nf4_ptx.PLANS if plan.fits(2560)]
+    assert fitting and len(fitting) < len(gemv_nf4_ptx.PLANS)  # K = 2 560 leaves out the K-split plan
+    assert nf4_kernels.candidates(x, 2560, 64) == gathers + fitting
+    assert nf4_kernels.candidates(x.half(), 2560, 64) == gathers
+    assert nf4_kernels.candidates(x, 2560 + 64, 64) == gathers + shuffles  # no plan fits: the shuffle tile
+    monkeypatch.setattr(gemv_nf4_ptx, "accepts", lambda x, k, blocksize: False)
+    assert nf4_kernels.candidates(x, 2560, 64) == gathers + shuffles
+
+
 def test_fastest_leaves_out_a_candidate_this_gpu_cannot_run(monkeypatch):
     """A candidate whose first run fails to compile or launch for lack of resources is not timed; when every one
     fails the error surfaces."""

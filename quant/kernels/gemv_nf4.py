@@ -180,13 +180,20 @@ def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: 
         return _run(TritonChoice(tile, shuffle), x, words, absmax, code, blocksize)
     key = (n, k, blocksize, absmax.dtype, x.dtype, x.device)
     if key not in _choice:
-        candidates: list[TritonChoice | gemv_nf4_ptx.Plan] = [
-            choice for choice in TRITON_CHOICES if not choice.shuffle or x.dtype == torch.bfloat16]
-        if gemv_nf4_ptx.accepts(x, k, blocksize):
-            candidates += [plan for plan in gemv_nf4_ptx.PLANS if plan.fits(k)]
-        _choice[key] = fastest((words, absmax), candidates,
+        _choice[key] = fastest((words, absmax), candidates(x, k, blocksize),
                                lambda choice, w, a: _run(choice, x, w, a, code, blocksize))
     return _run(_choice[key], x, words, absmax, code, blocksize)
+
+
+def candidates(x: torch.Tensor, k: int, blocksize: int) -> list[TritonChoice | gemv_nf4_ptx.Plan]:
+    """What the first call times for x and K: the Triton gather tiles, and the PTX plans that apply (bf16 x on CUDA,
+    K in whole units per warp) or else the Triton shuffle tile (bf16 x). That tile does what the plans do, scheduled
+    less well: it lost to a plan on every S2 shape in every H100 run, and at K = 9 728 it was the slowest candidate
+    to compile (4.3 s CPU-side, triton 3.6, sm_90), which bounds the first call now that they compile in parallel
+    (benchmarks/results/kernel-choice-*.md)."""
+    plans = [plan for plan in gemv_nf4_ptx.PLANS if plan.fits(k)] if gemv_nf4_ptx.accepts(x, k, blocksize) else []
+    shuffle = x.dtype == torch.bfloat16 and not plans
+    return [choice for choice in TRITON_CHOICES if not choice.shuffle or shuffle] + plans
 
 
 def _run(choice: TritonChoice | gemv_nf4_ptx.Plan, x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor,
