@@ -221,7 +221,7 @@ def reference_output(x: Tensor, layer: QuantizedLinear) -> Tensor:
 
 def error_stats(y: Tensor, ref: Tensor) -> ErrorStats:
     """Relative Frobenius error and cosine of `y` against `ref`, both computed in fp64."""
-    y, ref = y.double().flatten(), ref.double().flatten()
+    y, ref = y.detach().double().flatten(), ref.detach().double().flatten()
     rel = (y - ref).norm() / ref.norm().clamp_min(1e-300)
     cos = F.cosine_similarity(y, ref, dim=0, eps=1e-300)
     return ErrorStats(float(rel), float(cos))
