@@ -52,7 +52,9 @@ class FrameLoop:
 
     step(): frame i from the hidden state (semantic draw with RAS, 10 fast passes), stored in `frames[:, i]`, then
     the slow step at position prompt_len + i for frame i + 1 (run after the last frame too: the cache holds
-    prompt_len + budget positions, so it is in range and simply unused).
+    prompt_len + budget positions, so it is in range and simply unused). Every value a request sets is a device
+    tensor the step reads (the start position too), so `for_request` can hand the same loop and its captured graph
+    to the next request of the same configuration.
     """
 
     check_every = 16  # frames between host checks for <|im_end|>: at most 15 frames decoded in vain
@@ -61,31 +63,54 @@ class FrameLoop:
                  generator: torch.Generator) -> None:
         device = hidden.device
         self.model, self.params, self.generator, self.budget = model, params, generator, budget
+        self.rope = model.rope  # the caches this loop's graph reads: setup_caches replaces them and this table
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.hidden = hidden.clone()  # [1, D]
-        self.prompt_len = prompt_len
+        self.start = torch.full((1,), prompt_len, dtype=torch.int64, device=device)  # the first frame's position
         self.count = torch.zeros(1, dtype=torch.int64, device=device)  # frames decoded so far
         self.window = torch.zeros(RAS_WINDOW, dtype=torch.int64, device=device)  # the last semantic tokens
-        self.frames = torch.zeros(1 + model.config.num_codebooks, budget, dtype=torch.int64, device=device)
+        width = max(budget, model.capacity)  # room for any later request's budget
+        self.frames = torch.zeros(1 + model.config.num_codebooks, width, dtype=torch.int64, device=device)
+
+    @classmethod
+    def for_request(cls, model: DualAR, hidden: torch.Tensor, prompt_len: int, budget: int, params: SamplingParams,
+                    generator: torch.Generator) -> FrameLoop:
+        """The model's loop of its last request, with its captured graph, set to this request where nothing the graph
+        holds has changed (the caches, dtype, device, sampling; the draws restart from `generator`'s seed), which
+        saves the capture (37-80 ms on an H100); else a new loop, kept for the next request."""
+        loop = model.frame_loop
+        if (isinstance(loop, FrameLoop) and loop.rope is model.rope and loop.params == params
+                and loop.hidden.dtype == hidden.dtype and loop.hidden.device == hidden.device):
+            loop.hidden.copy_(hidden)
+            loop.start.fill_(prompt_len)
+            loop.count.zero_()
+            loop.window.zero_()
+            loop.budget = budget
+            loop.generator.manual_seed(generator.initial_seed())
+            return loop
+        model.frame_loop = cls(model, hidden, prompt_len, budget, params, generator)
+        return model.frame_loop
 
     def step(self) -> None:
         frame = decode_frame(self.model, self.hidden, self.window, self.params, self.generator)  # [11]
         self.frames.index_copy_(1, self.count, frame[:, None])
         self.window.index_copy_(0, self.count % RAS_WINDOW, frame[:1])
-        position = self.count + self.prompt_len  # [1]: where this frame goes in the slow cache
+        position = self.count + self.start  # [1]: where this frame goes in the slow cache
         self.hidden.copy_(self.model.forward_slow(frame.view(1, -1, 1), position)[:, -1])
         self.count += 1
 
     def run(self, on_frame: Callable[[int], None] | None, capture: bool) -> tuple[torch.Tensor, bool]:
         """Decode until <|im_end|> or the budget -> (frames [1 + num_codebooks, n] without the <|im_end|> frame,
-        stopped). `capture`: every frame a replay of one captured graph. The first request of a configuration
-        (capacity, dtype, device, sampling) on a model runs its first frame eagerly, which compiles the kernels and
-        makes their first-call choices (neither may happen inside a capture), and captures after it; later ones
-        capture before their first frame, which saves an eager frame (0-35 ms of the time to the first frame on an
-        H100: benchmarks/results/decode-*.md) per request and per batch of a long text. Otherwise every frame
-        eagerly through the same step."""
+        stopped). `capture`: every frame a replay of one captured graph, this loop's from an earlier request if it
+        has one (for_request). The first request of a configuration (capacity, dtype, device, sampling) on a model
+        runs its first frame eagerly, which compiles the kernels and makes their first-call choices (neither may
+        happen inside a capture), and captures after it; a later one without a graph captures before its first
+        frame, which saves an eager frame (0-35 ms of the time to the first frame on an H100:
+        benchmarks/results/decode-*.md). Otherwise every frame eagerly through the same step."""
         key = (self.model.capacity, self.hidden.dtype, self.hidden.device, self.params)
-        captured = capture and self.budget > 1 and key in _stepped.get(self.model, ())
-        replay = self.capture().replay if captured else self.step
+        if capture and self.graph is None and self.budget > 1 and key in _stepped.get(self.model, ()):
+            self.graph = self.capture()
+        replay = self.graph.replay if capture and self.graph is not None else self.step
         done = 0
         im_end = self.model.config.im_end_id
         while done < self.budget:
@@ -94,8 +119,9 @@ class FrameLoop:
                 replay()
             if done == 0:
                 _stepped.setdefault(self.model, set()).add(key)
-                if capture and self.budget > 1 and not captured:  # before the first check: progress comes after it
-                    replay, captured = self.capture().replay, True
+                if capture and self.budget > 1 and self.graph is None:  # before the first check: progress after it
+                    self.graph = self.capture()
+                    replay = self.graph.replay
             first, done = done, done + chunk
             stops = (self.frames[0, first:done] == im_end).nonzero()  # the host waits here, once per chunk
             end = first + int(stops[0, 0]) if stops.numel() else done
@@ -103,8 +129,8 @@ class FrameLoop:
                 for i in range(first, min(end + 1, done)):
                     on_frame(i)
             if stops.numel():
-                return self.frames[:, :end], True
-        return self.frames, False
+                return self.frames[:, :end].clone(), True
+        return self.frames[:, :done].clone(), False  # a copy: the next request of this loop writes its buffer
 
     def capture(self) -> torch.cuda.CUDAGraph:
         """Capture one step (after an eager one of the same configuration: nothing is compiled or timed inside the

@@ -86,7 +86,7 @@ def generate(
 
     hidden = model.forward_slow(prompt[None].to(device), 0)[:, -1]  # [1, D]
     if graph_decoding(model, config):
-        loop = FrameLoop(model, hidden, prompt_len, budget, config.sampling, generator)
+        loop = FrameLoop.for_request(model, hidden, prompt_len, budget, config.sampling, generator)
         columns, stopped = loop.run(on_frame, capture=device.type == "cuda")
     else:
         columns, stopped = eager_frames(model, hidden, prompt_len, budget, config.sampling, generator, on_frame)

@@ -273,6 +273,7 @@ class DualAR(nn.Module):
         self.rope: torch.Tensor | None = None
         self.fast_rope: torch.Tensor | None = None
         self.cache_slots: torch.Tensor | None = None  # arange(capacity): masks the cache for a device position
+        self.frame_loop: object | None = None  # runtime.decode keeps the last request's frame loop (its graph) here
 
     # ----- setup --------------------------------------------------------------------------------------------
     def build_head(self) -> None:

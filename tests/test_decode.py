@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from runtime import engine
+from runtime import decode, engine
 from runtime.engine import GenerationConfig, generate
 from runtime.loader import load_model
 from runtime.sampling import SamplingParams
@@ -114,19 +114,42 @@ def test_frame_loop_stops_at_im_end_and_reports_each_frame(model64, monkeypatch,
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_captured_graph_replays_the_frame_loop(tiny_checkpoint, monkeypatch):
     """On a GPU: one graph replay per frame decodes the frames the same loop decodes eagerly (greedy, in fp32: no
-    draw to differ and no ties for topk to break either way), and seeded runs repeat: the first run of a sampling
-    configuration steps eagerly before its capture, the next captures first, and both draw the same frames."""
+    draw to differ and no ties for topk to break either way), and seeded runs repeat."""
     model = load_model(tiny_checkpoint, torch.device("cuda"), torch.float32).model
     prompt = frames_sequence(model.config, 6, 3, seed=2)[0]
     greedy = GenerationConfig(max_new_tokens=40, sampling=SamplingParams(top_k=1), seed=0)
     replayed = generate(model, prompt, greedy)
-    with monkeypatch.context() as patch:  # the same loop, every frame eagerly: "replay" runs the step
+    with monkeypatch.context() as patch:  # a new loop, every frame eagerly: "replay" runs the step
         patch.setattr(engine.FrameLoop, "capture", lambda loop: SimpleNamespace(replay=loop.step))
+        model.frame_loop = None
         eager = generate(model, prompt, greedy)
     captured_runs = [generate(model, prompt, GenerationConfig(max_new_tokens=40, seed=s)) for s in (1, 1, 2)]
     assert replayed.codes.shape[1] == 40 and torch.equal(replayed.codes, eager.codes)
     assert torch.equal(captured_runs[0].codes, captured_runs[1].codes)
     assert not torch.equal(captured_runs[0].codes, captured_runs[2].codes)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_reused_captured_and_eager_first_graphs_draw_the_same_frames(tiny_checkpoint, monkeypatch):
+    """On a GPU, one request (another prompt length, state and seed than the model's last) three ways: replaying the
+    last request's graph (no capture), a new loop capturing before its first frame, and a new loop whose first frame
+    runs eagerly before the capture: the same frames."""
+    model = load_model(tiny_checkpoint, torch.device("cuda"), torch.float32).model
+    captures = []
+    real_capture = engine.FrameLoop.capture
+    monkeypatch.setattr(engine.FrameLoop, "capture", lambda loop: captures.append(loop) or real_capture(loop))
+    generate(model, frames_sequence(model.config, 6, 3, seed=2)[0], GenerationConfig(max_new_tokens=40, seed=1))
+    prompt, config = frames_sequence(model.config, 9, 5, seed=5)[0], GenerationConfig(max_new_tokens=40, seed=4)
+    runs = {"reused": generate(model, prompt, config).codes}
+    assert len(captures) == 1
+    model.frame_loop = None
+    runs["captured first"] = generate(model, prompt, config).codes
+    model.frame_loop = None
+    decode._stepped.clear()
+    runs["eager first"] = generate(model, prompt, config).codes
+    assert len(captures) == 3 and runs["reused"].shape == (10, 40)
+    assert torch.equal(runs["reused"], runs["captured first"]) and torch.equal(runs["reused"], runs["eager first"])
 
 
 @pytest.mark.parametrize("budget, captures", [(1, 0), (5, 1)])
@@ -184,3 +207,39 @@ def test_a_later_request_of_the_same_configuration_captures_before_its_first_fra
     assert run(64, SamplingParams(top_k=5)) == capture_first
     assert run(64, SamplingParams(), budget=1) == ["step"]  # a single frame: nothing to capture
     assert run(128, SamplingParams()) == eager_first  # new caches, other kernel specializations
+
+
+def test_a_later_request_reuses_the_loop_and_decodes_as_a_fresh_one(model64, monkeypatch):
+    """The next request of the same configuration gets the model's last loop (and with it its graph) set to its own
+    prompt length, hidden state and seed: it decodes what a fresh loop decodes, and what the eager loop decodes.
+    Other sampling settings or new caches get a new loop. Codes returned earlier are copies, not the buffer."""
+    frame_loop(monkeypatch)
+    cfg = GenerationConfig(max_new_tokens=20, seed=3)
+    first = generate(model64, frames_sequence(model64.config, 6, 3, seed=2)[0], cfg)
+    kept = first.codes.clone()
+    loop = model64.frame_loop
+    other_prompt = frames_sequence(model64.config, 9, 5, seed=5)[0]  # another length, state and seed
+    other_cfg = GenerationConfig(max_new_tokens=20, seed=4)
+    reused = generate(model64, other_prompt, other_cfg)
+    assert model64.frame_loop is loop and torch.equal(first.codes, kept)
+    model64.frame_loop = None
+    fresh = generate(model64, other_prompt, other_cfg)
+    assert model64.frame_loop is not loop and torch.equal(reused.codes, fresh.codes)
+    monkeypatch.setattr(engine, "graph_decoding", lambda model, config: False)
+    eager = generate(model64, other_prompt, other_cfg)
+    assert reused.codes.shape[1] >= 8 and torch.equal(reused.codes, eager.codes)
+    loop = model64.frame_loop
+    hidden = torch.randn(1, model64.config.dim, dtype=torch.float64)
+    with torch.inference_mode():  # as generate() runs: the loop's buffers are inference tensors
+        again = engine.FrameLoop.for_request(model64, hidden, 7, 5, SamplingParams(),
+                                             torch.Generator().manual_seed(9))
+    assert again is loop and torch.equal(again.hidden, hidden) and again.budget == 5  # every request's state set
+    assert int(again.start) == 7 and int(again.count) == 0 and not again.window.any()
+    assert again.generator.initial_seed() == 9
+    frame_loop(monkeypatch)
+    generate(model64, other_prompt, GenerationConfig(max_new_tokens=20, sampling=SamplingParams(top_k=5), seed=4))
+    assert model64.frame_loop is not loop
+    loop = model64.frame_loop
+    model64.setup_caches(model64.capacity, torch.float64, "cpu")  # new cache tensors: the graph's are gone
+    generate(model64, other_prompt, GenerationConfig(max_new_tokens=20, sampling=SamplingParams(top_k=5), seed=4))
+    assert model64.frame_loop is not loop
