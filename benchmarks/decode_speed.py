@@ -83,13 +83,17 @@ def per_frame_ms(model, prompt: torch.Tensor, frames: int, graph: bool) -> float
     return (stamps[-1] - stamps[first]) / (len(stamps) - 1 - first) * 1e3
 
 
-def first_frame_ms(model, prompt: torch.Tensor, repeats: int = 5) -> tuple[float, float, float]:
-    """Warm (a generation of this prompt first), medians of `repeats`: the prompt's prefill alone; and the time from
-    calling generate to its first frame (the prefill, the first frame, the graph's capture) for the first request of
-    its configuration on the model (the first frame eager; here the record of earlier requests is cleared) and for a
-    later one (the graph captured before the first frame), in ms."""
+WAYS = ("first request", "captured first", "graph reused")
+
+
+def first_frame_ms(model, prompt: torch.Tensor, repeats: int = 5) -> tuple[float, ...]:
+    """Warm (a generation of this prompt first), medians of `repeats`, in ms: the prompt's prefill alone; and the time
+    from calling generate to its first frame (the prefill, the first frame, a capture where there is one) three ways
+    (WAYS): the first request of its configuration on the model (the first frame eager, then the capture; here the
+    model's record of earlier requests is cleared), a new loop of a configuration that ran before (the capture
+    first), and a request that replays the last request's graph (no capture)."""
     generate(model, prompt, GenerationConfig(max_new_tokens=4, seed=0))  # cache sized and kernels chosen
-    prefills, firsts = [], {True: [], False: []}
+    prefills, firsts = [], {way: [] for way in WAYS}
     for _ in range(repeats):
         with torch.inference_mode():
             torch.cuda.synchronize()
@@ -97,20 +101,24 @@ def first_frame_ms(model, prompt: torch.Tensor, repeats: int = 5) -> tuple[float
             model.forward_slow(prompt[None].cuda(), 0)
             torch.cuda.synchronize()
             prefills.append(time.perf_counter() - start)
-        for first_request in (True, False):
-            if first_request:
+        for way in WAYS:
+            if way != "graph reused":
+                model.frame_loop = None
+            if way == "first request":
                 decode._stepped.pop(model, None)
             stamps: list[float] = []
             start = time.perf_counter()
             generate(model, prompt, GenerationConfig(max_new_tokens=32, seed=0),
                      on_frame=lambda _i: stamps.append(time.perf_counter()))
-            firsts[first_request].append(stamps[0] - start)
-    return tuple(statistics.median(v) * 1e3 for v in (prefills, firsts[True], firsts[False]))
+            firsts[way].append(stamps[0] - start)
+    return tuple(statistics.median(v) * 1e3 for v in (prefills, *firsts.values()))
 
 
 def capture_ms(model, prompt: torch.Tensor) -> float:
-    """Time FrameLoop.capture in a warm generation: what a request pays once for its graph."""
+    """Time FrameLoop.capture in a warm generation with a new loop: what a request pays for its graph where it
+    cannot replay the last request's (FrameLoop.for_request)."""
     real, spent = FrameLoop.capture, []
+    model.frame_loop = None
 
     def timed(loop):
         start = time.perf_counter()
@@ -182,16 +190,17 @@ def main() -> None:
         "frames; the largest shortfall of a chosen semantic token below the best logit, in logit standard "
         "deviations (0: all argmax; a slow step one position off scored 0.18 on the tiny model)",
         f"- first frame: warm, medians of 5, from the call to generate to its first frame (the prefill, the first "
-        f"frame, the capture) for the first request of a sampling configuration on the model (its first frame eager) "
-        f"and for a later one (captured first), and the prefill alone; for the table's prompt and for a "
+        f"frame, a capture where there is one) for the first request of a sampling configuration on the model (its "
+        f"first frame eager, then the capture), a new loop of a configuration that ran before (the capture first) "
+        f"and a request replaying the last request's graph; and the prefill alone; for the table's prompt and for a "
         f"{LONG_REFERENCE_FRAMES}-frame (30 s) reference with the same sentence ({long_tokens} tokens)", "",
         "| plan (slow/fast AR) | prompt tokens | eager ms/frame | graph ms/frame | speed-up | graph: audio s per s "
-        "| capture ms (once per request) | greedy check (std) | first frame ms, first / later request (prefill ms) "
+        "| capture ms (a new loop) | greedy check (std) | first frame ms: " + " / ".join(WAYS) + " (prefill ms) "
         "| 30 s reference: the same |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, formats, prompt_len, eager_ms, graph_ms, capture, gap, firsts in rows:
-        short, long = (f"{first:.0f} / {later:.0f} ({prefill:.0f})" for prefill, first, later in firsts)
+        short, long = (" / ".join(f"{ms:.0f}" for ms in ways) + f" ({prefill:.0f})" for prefill, *ways in firsts)
         lines.append(f"| {name} ({formats}) | {prompt_len} | {eager_ms:.1f} | {graph_ms:.2f} | "
                      f"{eager_ms / graph_ms:.1f}x | {1e3 / graph_ms / 21.5:.1f} | {capture:.0f} | {gap:.3f} | "
                      f"{short} | {long} |")
