@@ -281,11 +281,9 @@ def measure(variant: Variant, weights: list[torch.Tensor], inputs: tuple[torch.T
 def graph_ms(call: Callable[[int], object], layers: int, replays: int = 50, warmup: int = 10) -> float:
     """call(0), ..., call(layers - 1) captured in one CUDA graph: median ms per replay (call once before, so that
     kernel choices happen outside the capture)."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(layers):
-            call(i)
-    return replay_ms(graph, replays, warmup)
+    from quant.kernels.tiles import graph_bench
+
+    return graph_bench(lambda: [call(i) for i in range(layers)], replays, warmup)
 
 
 def run_shape(n: int, k: int, variants: list[type[Variant]], layers: int, replays: int, warmup: int,

@@ -42,9 +42,14 @@ def decode_frame(
     return torch.stack([token, *codes])
 
 
-# Per model, the step configurations (cache capacity, dtype, device, sampling) that have run eagerly once: every
-# kernel of their step is compiled and every first-call choice made, so a later request may capture first.
+# Per model, the step configurations (`configuration`) that have run eagerly once: every kernel of their step is
+# compiled and every first-call choice made, so a later request may capture first.
 _stepped: WeakKeyDictionary[DualAR, set[tuple]] = WeakKeyDictionary()
+
+
+def configuration(model: DualAR, hidden: torch.Tensor, params: SamplingParams) -> tuple:
+    """What a decode step's kernels and first-call choices depend on: cache capacity, dtype, device, sampling."""
+    return model.capacity, hidden.dtype, hidden.device, params
 
 
 class FrameLoop:
@@ -79,8 +84,8 @@ class FrameLoop:
         holds has changed (the caches, dtype, device, sampling; the draws restart from `generator`'s seed), which
         saves the capture (37-80 ms on an H100); else a new loop, kept for the next request."""
         loop = model.frame_loop
-        if (isinstance(loop, FrameLoop) and loop.rope is model.rope and loop.params == params
-                and loop.hidden.dtype == hidden.dtype and loop.hidden.device == hidden.device):
+        if (isinstance(loop, FrameLoop) and loop.rope is model.rope
+                and configuration(model, loop.hidden, loop.params) == configuration(model, hidden, params)):
             loop.hidden.copy_(hidden)
             loop.start.fill_(prompt_len)
             loop.count.zero_()
@@ -107,7 +112,7 @@ class FrameLoop:
         happen inside a capture), and captures after it; a later one without a graph captures before its first
         frame, which saves an eager frame (0-35 ms of the time to the first frame on an H100:
         benchmarks/results/decode-*.md). Otherwise every frame eagerly through the same step."""
-        key = (self.model.capacity, self.hidden.dtype, self.hidden.device, self.params)
+        key = configuration(self.model, self.hidden, self.params)
         if capture and self.graph is None and self.budget > 1 and key in _stepped.get(self.model, ()):
             self.graph = self.capture()
         replay = self.graph.replay if capture and self.graph is not None else self.step

@@ -116,18 +116,15 @@ def first_calls(tensors: tuple[torch.Tensor, ...], candidates: Sequence[Candidat
     device = tensors[0].device
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
-    def call(candidate: Candidate) -> None:
+    def error_of(candidate: Candidate) -> BaseException | None:
         with ExitStack() as context:
             if stream is not None:
                 context.enter_context(torch.cuda.device(device))
                 context.enter_context(torch.cuda.stream(stream))
-            run(candidate, *tensors)
-
-    def error_of(candidate: Candidate) -> BaseException | None:
-        try:
-            call(candidate)
-        except CANNOT_RUN as error:
-            return error
+            try:
+                run(candidate, *tensors)
+            except CANNOT_RUN as error:
+                return error
         return None
 
     errors = [error_of(candidates[0])]
