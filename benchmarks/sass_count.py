@@ -29,6 +29,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from quant.kernels import FMA  # noqa: E402
 from quant.kernels.gemv8 import _gemv8_kernel  # noqa: E402
 from quant.kernels.gemv_nf4 import _gemv_nf4_kernel  # noqa: E402
 from quant.kernels.gemv_nf4_ptx import _gemv_nf4_ptx_kernel, row_slice_ptx  # noqa: E402
@@ -54,6 +55,18 @@ class SassCount:
 
 def nvdisasm() -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+
+
+def compile_for(kernel, signature: dict[str, str], constexprs: dict, arch: int, num_warps: int,
+                max_registers: int | None = None, aligned: tuple[str, ...] = ()):
+    """Compile a Triton kernel for sm_<arch> without a GPU, with the runtime's launch options and specialised as a
+    launch would be: every pointer (and the integer arguments named in `aligned`) divisible by 16. Returns Triton's
+    compiled kernel (asm by stage)."""
+    divisible = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
+                 if kind.startswith("*") or name in aligned}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=divisible)
+    options = {"num_warps": num_warps} | FMA | ({"maxnreg": max_registers} if max_registers else {})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def count(fmt: str, k: int, tile: Tile, arch: int = 90, shuffle: bool = False, qblock: int = 64,
@@ -84,11 +97,7 @@ def count(fmt: str, k: int, tile: Tile, arch: int = 90, shuffle: bool = False, q
         constexprs = {"K": k, "FP8_BITS": fmt == "fp8-bits", "GATED": False}
     if fmt != "nf4-ptx":
         constexprs |= {"BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
-               if kind.startswith("*") or name == "N"}
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
-    options = {"num_warps": tile.num_warps} | ({"maxnreg": max_registers} if max_registers else {})
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    compiled = compile_for(kernel, signature, constexprs, arch, tile.num_warps, max_registers, aligned=("N",))
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])

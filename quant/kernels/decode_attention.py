@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from quant.kernels import FMA
+
 CHUNK = 128  # cache slots per split program
 BLOCK = 64  # slots per step inside a program
 GROUP_ROWS = 16  # a KV head's query heads, padded to the smallest tl.dot tile
@@ -108,7 +110,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part = torch.empty(kv_heads, splits, group, d + 2, dtype=torch.float32, device=q.device)
     _decode_attention_split_kernel[(kv_heads, splits)](q.contiguous(), k_cache, v_cache, position, part, capacity,
                                                        1.0 / math.sqrt(d), splits, GROUP=group, D=d, CHUNK=CHUNK,
-                                                       BLOCK=BLOCK, ROWS=GROUP_ROWS, num_warps=4)
+                                                       BLOCK=BLOCK, ROWS=GROUP_ROWS, num_warps=4, **FMA)
     out = torch.empty(heads, d, dtype=q.dtype, device=q.device)
-    _decode_attention_combine_kernel[(heads,)](part, out, splits, GROUP=group, D=d, SPLITS=32, num_warps=1)
+    _decode_attention_combine_kernel[(heads,)](part, out, splits, GROUP=group, D=d, SPLITS=32, num_warps=1,
+                                               **FMA)
     return out.view(1, heads, 1, d)

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from quant.kernels import FMA
 from quant.kernels.swiglu import silu_times
 
 UNIT = 16  # columns per lane and unit: two int32 words of packed nibbles
@@ -250,5 +251,5 @@ def gemv_nf4_ptx(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor, cod
     cap = {"maxnreg": plan.max_registers} if plan.max_registers else {}
     _gemv_nf4_ptx_kernel[(programs,)](x, words, absmax, up_words, up_absmax, code, y, n, k, QBLOCK=blocksize,
                                       ROWS=plan.rows, WARPS=plan.warps, ASM=asm, GATED=up is not None,
-                                      num_warps=plan.warps, **cap)
+                                      num_warps=plan.warps, **cap, **FMA)
     return y

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from quant.kernels import FMA
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, delta_ptr, w_ptr, sum_ptr, y_ptr, eps, D: tl.constexpr, BLOCK: tl.constexpr,
@@ -56,7 +58,7 @@ def _launch_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.
                      total: torch.Tensor, y: torch.Tensor) -> None:
     d = x.shape[-1]
     _rms_norm_kernel[(x.numel() // d,)](x, x if delta is None else delta, weight, total, y, eps, D=d,
-                                        BLOCK=triton.next_power_of_2(d), HAS_DELTA=delta is not None)
+                                        BLOCK=triton.next_power_of_2(d), HAS_DELTA=delta is not None, **FMA)
 
 
 @triton.jit
@@ -112,7 +114,7 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.
                                          k if k_weight is None else k_weight, table, q_out, k_cache, v_cache,
                                          start if on_device else q, hq, hkv, t, q.stride(1), k_cache.stride(1),
                                          0 if on_device else start, eps, HALF=d // 2, HAS_NORM=q_weight is not None,
-                                         SLOT_ON_DEVICE=on_device)
+                                         SLOT_ON_DEVICE=on_device, **FMA)
     return q_out
 
 

@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from quant.kernels import FMA
+
 MAX_TOP_K = 128  # candidates are ranked pairwise: [KP, KP] in one program
 MAX_VOCAB = 16384  # the whole row lives in registers of one program
 LOW_BIT = {torch.bfloat16: 16, torch.float16: 13}  # float32 bits below these are zero: no need to search them
@@ -83,5 +85,5 @@ def sample_rows(logits: torch.Tensor, noise: torch.Tensor, top_p: float, tempera
     block = triton.next_power_of_2(v)
     _sample_kernel[(rows.shape[0],)](rows, noise, values, indices, out, v, rows.stride(0), top_p, temperature, K=k,
                                      BLOCK=block, KP=kp, LOW_BIT=LOW_BIT.get(logits.dtype, 0),
-                                     num_warps=8 if block >= 4096 else 4)
+                                     num_warps=8 if block >= 4096 else 4, **FMA)
     return out.view(logits.shape[:-1])

@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from quant.kernels import FMA
+
 BLOCK = 1024
 
 
@@ -37,5 +39,5 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up: same shape and dtype -> SiLU(gate) * up, contiguous."""
     gate, up = gate.contiguous(), up.contiguous()
     y = torch.empty_like(gate)
-    _silu_mul_kernel[(triton.cdiv(gate.numel(), BLOCK),)](gate, up, y, gate.numel(), BLOCK=BLOCK)
+    _silu_mul_kernel[(triton.cdiv(gate.numel(), BLOCK),)](gate, up, y, gate.numel(), BLOCK=BLOCK, **FMA)
     return y

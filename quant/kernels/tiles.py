@@ -23,7 +23,7 @@ import triton.language as tl
 from triton.compiler.errors import CompileTimeAssertionFailure
 from triton.runtime.errors import OutOfResources, PTXASError
 
-from quant.kernels import replay_ms
+from quant.kernels import FMA, replay_ms
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Tile:
     num_warps: int
 
     def launch_args(self) -> dict[str, int]:
-        return {"BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "num_warps": self.num_warps}
+        return {"BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "num_warps": self.num_warps} | FMA
 
 
 # The tiles that won some S2 shape for some format in a wider sweep on an H100 (1-8 rows, 128-2048 columns, 1-8
