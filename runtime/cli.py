@@ -16,7 +16,7 @@ from runtime import __version__
 from runtime.audio import FRAME_RATE
 from runtime.checkpoint import expected_shapes, open_checkpoint, validate
 from runtime.codec import CodecConfig, decode_to_file
-from runtime.codec_cli import decode, encode, load_codes, open_codec, save_codes
+from runtime.codec_cli import CODEC_CONFIG_HELP, codec_config, decode, encode, load_codes, open_codec, save_codes
 from runtime.config import bundled_config
 from runtime.devices import detect_device, parse_size, use_expandable_segments
 from runtime.engine import GenerationConfig, frame_budget, generate_batches
@@ -28,6 +28,7 @@ from runtime.planner import PRECISIONS as PLAN_PRECISIONS
 from runtime.prompt import Reference, build_prompt, check_codes, text_batches
 from runtime.sampling import SamplingParams
 from runtime.synthetic import write_checkpoint
+from runtime.synthetic_codec import write_synthetic_codec
 from runtime.voice_cli import voice, voices_dir_option
 from runtime.voices import VoiceLibrary
 
@@ -118,8 +119,7 @@ def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], num_codebo
               help="Also decode the codes to audio here (.wav or .flac, 44.1 kHz) with --codec.")
 @click.option("--codec", "codec_path", type=click.Path(path_type=Path),
               help="codec.pth for --output [default: codec.pth in the checkpoint folder].")
-@click.option("--codec-config", default="s2pro", show_default=True,
-              help="Codec architecture: 's2pro', 'tiny' (tests) or a path to a codec config .json.")
+@click.option("--codec-config", "config_name", default="auto", show_default=True, help=CODEC_CONFIG_HELP)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(PLAN_PRECISIONS), default="auto", show_default=True,
               help="Linear-layer precision; auto picks the best that fits the GPU (see `s2edge plan`).")
@@ -150,7 +150,7 @@ def synthesize(
     chunk_length: int,
     output: Path | None,
     codec_path: Path | None,
-    codec_config: str,
+    config_name: str,
     device: str,
     precision: str,
     fast_ar_precision: str | None,
@@ -173,6 +173,8 @@ def synthesize(
     references += _read_references(
         reference_codes, reference_text, header.config.num_codebooks, header.config.codebook_size
     )
+    codec_file = codec_path or checkpoint / "codec.pth"
+    codec_arch = codec_config(config_name, codec_file) if output is not None else None  # fails before any work
     request = PlanRequest(precision, fast_ar_precision, max_context,
                           None if vram_budget is None else parse_size(vram_budget), force)
     choice = choose_plan(header.config, detect_device(target), request)
@@ -220,8 +222,7 @@ def synthesize(
     if len(batches) > 1:
         ending += f"; {len(batches)} text batches"
     if output is not None:
-        codec = open_codec(codec_path or checkpoint / "codec.pth", CodecConfig.load(codec_config), device, "auto",
-                           with_encoder=False)
+        codec = open_codec(codec_file, codec_arch, device, "auto", with_encoder=False)
         decode_to_file(codes, codec, output)
         click.echo(f"wrote {output}")
     click.echo(
@@ -261,13 +262,19 @@ def inspect(checkpoint: Path) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--shards", type=int, default=2, show_default=True, help="Number of safetensors shards.")
 @click.option("--device", default="cpu", show_default=True, help="Where to draw the random numbers (cuda is faster).")
-def synthetic(out: Path, config_name: str, seed: int, shards: int, device: str) -> None:
+@click.option("--codec/--no-codec", "with_codec", default=True, show_default=True,
+              help="Also write OUT/codec.pth: the tiny codec with --config tiny, the full-size one otherwise.")
+def synthetic(out: Path, config_name: str, seed: int, shards: int, device: str, with_codec: bool) -> None:
     """Write a random-weight checkpoint in the exact released layout to OUT (for trying and testing s2edge)."""
     config = bundled_config(config_name)
     resolve_device(device)
     with click.progressbar(length=len(expected_shapes(config)), label="writing", file=sys.stderr) as bar:
         write_checkpoint(out, config, seed=seed, shards=shards, device=device, on_tensor=lambda _k: bar.update(1))
     click.echo(f"wrote {out}: {config.parameter_count():,} parameters in {shards} shard(s)")
+    if with_codec:
+        codec = write_synthetic_codec(Path(out) / "codec.pth",
+                                      CodecConfig.load("tiny" if config_name == "tiny" else "s2pro"), seed=seed)
+        click.echo(f"wrote {codec}")
 
 
 main.add_command(encode)

@@ -351,7 +351,30 @@ def load_codec(path: str | Path, config: CodecConfig | None = None, device: str 
     path = Path(path)
     tensors = read_checkpoint(path)
     with torch.device("meta"):
-        codec = Codec(config or CodecConfig.load("s2pro"), with_encoder=with_encoder)
+        codec = Codec(config or detect_config(tensors, path), with_encoder=with_encoder)
     load_parameters(codec, tensors, path, torch.device(device), dtype)
     codec.source = path
     return codec.eval()
+
+
+def check_layout(config: CodecConfig, tensors: dict[str, Tensor], path: Path) -> None:
+    """Raise CheckpointError, naming the tensor, unless the checkpoint's tensors fill the decoder of `config` in
+    every key and shape (a load onto the meta device: no data read)."""
+    with torch.device("meta"):
+        trial = Codec(config, with_encoder=False)
+    load_parameters(trial, tensors, path, torch.device("meta"), torch.float32)
+
+
+def detect_config(tensors: dict[str, Tensor], path: Path) -> CodecConfig:
+    """The bundled codec config (configs/codec-*.json, s2pro first) that the checkpoint's tensors fit; s2pro when
+    none does, so that loading names the first tensor that differs."""
+    names = sorted((p.name.removeprefix("codec-").removesuffix(".json") for p in CONFIG_DIR.glob("codec-*.json")),
+                   key=lambda name: name != "s2pro")
+    for name in names:
+        config = CodecConfig.load(name)
+        try:
+            check_layout(config, tensors, path)
+        except CheckpointError:
+            continue
+        return config
+    return CodecConfig.load("s2pro")

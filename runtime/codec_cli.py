@@ -10,19 +10,22 @@ import numpy as np
 import torch
 
 from runtime.audio import load_reference
-from runtime.codec import DECODE_CHUNK_FRAMES, Codec, CodecConfig, decode_to_file, load_codec, validate_codes
+from runtime.codec import (DECODE_CHUNK_FRAMES, Codec, CodecConfig, check_layout, decode_to_file, detect_config,
+                           load_codec, validate_codes)
+from runtime.codec_checkpoint import read_checkpoint
 from runtime.errors import InputError
 from runtime.files import atomic_path
 from runtime.loader import resolve_device
 
 DEFAULT_CODEC = Path("checkpoints/s2-pro/codec.pth")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CODEC_CONFIG_HELP = ("Codec architecture: 'auto' (the bundled one the checkpoint's shapes match), 's2pro', 'tiny' "
+                     "(tests) or a path to a codec config .json.")
 
 _codec_options = [
     click.option("--codec", "codec_path", type=click.Path(path_type=Path), default=DEFAULT_CODEC, show_default=True,
                  help="The codec checkpoint (codec.pth of fishaudio/s2-pro), read unchanged."),
-    click.option("--codec-config", default="s2pro", show_default=True,
-                 help="Codec architecture: 's2pro', 'tiny' (tests) or a path to a codec config .json."),
+    click.option("--codec-config", "config_name", default="auto", show_default=True, help=CODEC_CONFIG_HELP),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     click.option("--precision", type=click.Choice(["auto", *PRECISIONS]), default="auto", show_default=True,
                  help="Codec precision; auto is bf16 on a GPU and fp32 on the CPU."),
@@ -34,6 +37,18 @@ def codec_options(command):
     for option in reversed(_codec_options):
         command = option(command)
     return command
+
+
+def codec_config(name: str, codec_path: Path) -> CodecConfig:
+    """--codec-config for `codec_path`: a bundled name or a .json path, or 'auto': the bundled one the checkpoint
+    fits. Opens the checkpoint (memory-mapped, no data read) and checks its shapes, so a missing, unreadable or
+    mismatched codec.pth fails here, before any other work."""
+    tensors = read_checkpoint(codec_path)
+    if name == "auto":
+        return detect_config(tensors, codec_path)
+    config = CodecConfig.load(name)
+    check_layout(config, tensors, codec_path)
+    return config
 
 
 def open_codec(codec_path: Path, config: CodecConfig, device: str, precision: str, with_encoder: bool) -> Codec:
@@ -65,7 +80,7 @@ def load_codes(path: Path) -> np.ndarray:
 @click.option("--full-reference", is_flag=True,
               help="Use the whole recording up to 10 min instead of its first 30 s.")
 @codec_options
-def encode(audio: Path, output: Path, full_reference: bool, codec_path: Path, codec_config: str, device: str,
+def encode(audio: Path, output: Path, full_reference: bool, codec_path: Path, config_name: str, device: str,
            precision: str) -> None:
     """Encode the reference recording AUDIO into codec codes for voice cloning.
 
@@ -79,7 +94,7 @@ def encode(audio: Path, output: Path, full_reference: bool, codec_path: Path, co
     reference = load_reference(audio, full=full_reference)
     for warning in reference.warnings:
         click.echo(f"warning: {warning}", err=True)
-    codec = open_codec(codec_path, CodecConfig.load(codec_config), device, precision, with_encoder=True)
+    codec = open_codec(codec_path, codec_config(config_name, codec_path), device, precision, with_encoder=True)
     start = time.perf_counter()
     codes = codec.encode(reference.samples).cpu().numpy()
     elapsed = time.perf_counter() - start
@@ -96,7 +111,7 @@ def encode(audio: Path, output: Path, full_reference: bool, codec_path: Path, co
 @click.option("--chunk-frames", type=click.IntRange(min=1), default=DECODE_CHUNK_FRAMES, show_default=True,
               help="Frames decoded at a time: bounds memory; every value gives the same audio.")
 @codec_options
-def decode(codes: Path, output: Path, chunk_frames: int, codec_path: Path, codec_config: str, device: str,
+def decode(codes: Path, output: Path, chunk_frames: int, codec_path: Path, config_name: str, device: str,
            precision: str) -> None:
     """Decode CODES (.npy, integers [10, T], as written by `encode` or `synthesize`) into 44.1 kHz audio.
 
@@ -106,7 +121,7 @@ def decode(codes: Path, output: Path, chunk_frames: int, codec_path: Path, codec
     Example: s2edge decode output.npy -o output.wav
     """
     array = load_codes(codes)
-    config = CodecConfig.load(codec_config)
+    config = codec_config(config_name, codec_path)
     validate_codes(array, config)  # fail before loading weights
     codec = open_codec(codec_path, config, device, precision, with_encoder=False)
     start = time.perf_counter()

@@ -77,18 +77,35 @@ def test_synthesize_with_two_references(tiny_checkpoint, tmp_path):
 
 
 def test_synthesize_writes_audio_with_the_codec(tiny_checkpoint, tmp_path):
+    """--codec-config auto (the default) finds the tiny codec from the file's shapes."""
     import soundfile
 
     from runtime.codec import CodecConfig
     from runtime.synthetic_codec import write_synthetic_codec
 
     write_synthetic_codec(tmp_path / "codec.pth", CodecConfig.load("tiny"))
-    result = synth(tiny_checkpoint, tmp_path / "c.npy", "-o", tmp_path / "out.wav", "--codec", tmp_path / "codec.pth",
-                   "--codec-config", "tiny")
+    result = synth(tiny_checkpoint, tmp_path / "c.npy", "-o", tmp_path / "out.wav", "--codec", tmp_path / "codec.pth")
     assert result.exit_code == 0, result.output
     audio, rate = soundfile.read(tmp_path / "out.wav")
     frames = np.load(tmp_path / "c.npy").shape[1]
     assert rate == 44100 and audio.shape == (frames * 2048,) and np.abs(audio).max() > 0
+
+
+def test_synthesize_checks_the_codec_before_generating(tiny_checkpoint, tmp_path, monkeypatch):
+    """A missing codec.pth, or a codec of another architecture than --codec-config names, is a one-line error
+    before loading or generating anything: no codes are written."""
+    from runtime import cli
+    from runtime.codec import CodecConfig
+    from runtime.synthetic_codec import write_synthetic_codec
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    missing = synth(tiny_checkpoint, tmp_path / "a.npy", "-o", tmp_path / "a.wav")  # the folder has no codec.pth
+    assert missing.exit_code != 0 and "codec checkpoint not found" in missing.stderr
+    write_synthetic_codec(tmp_path / "codec.pth", CodecConfig.load("tiny"))
+    wrong = synth(tiny_checkpoint, tmp_path / "b.npy", "-o", tmp_path / "b.wav", "--codec", tmp_path / "codec.pth",
+                  "--codec-config", "s2pro")
+    assert wrong.exit_code != 0 and "expected [" in wrong.stderr and "Traceback" not in wrong.output
+    assert not (tmp_path / "a.npy").exists() and not (tmp_path / "b.npy").exists()
 
 
 def test_inspect_reports_counts(tiny_checkpoint, tiny_config):
@@ -99,10 +116,16 @@ def test_inspect_reports_counts(tiny_checkpoint, tiny_config):
 
 
 def test_synthetic_command_writes_a_loadable_checkpoint(tmp_path):
+    """The folder `synthetic` writes serves the README's main job as it is: weights, tokenizer and codec.pth."""
     result = run("synthetic", tmp_path / "ck", "--config", "tiny", "--shards", "1")
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "ck" / "model.safetensors").exists()
+    assert (tmp_path / "ck" / "model.safetensors").exists() and (tmp_path / "ck" / "codec.pth").exists()
     assert run("inspect", tmp_path / "ck").exit_code == 0
+    spoken = synth(tmp_path / "ck", tmp_path / "c.npy", "-o", tmp_path / "c.wav")
+    assert spoken.exit_code == 0, spoken.output
+    assert (tmp_path / "c.wav").stat().st_size > 44
+    assert run("synthetic", tmp_path / "bare", "--no-codec").exit_code == 0
+    assert not (tmp_path / "bare" / "codec.pth").exists()
 
 
 def bad_codes(tmp_path, name, array):

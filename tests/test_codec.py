@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from conftest import spec_tensors
 from runtime.audio import load_reference
-from runtime.codec import Codec, CodecConfig, decode_to_file, load_codec, validate_codes
+from runtime.codec import Codec, CodecConfig, decode_to_file, detect_config, load_codec, validate_codes
 from runtime.codec_checkpoint import checkpoint_layout, read_checkpoint
 from runtime.codec_cli import decode as decode_command
 from runtime.codec_cli import encode as encode_command
@@ -293,6 +293,25 @@ def test_checkpoint_errors_name_the_tensor(tmp_path, config):
     # the full-size config against a tiny file: a clear shape error, not a crash
     with pytest.raises(CheckpointError, match="expected"):
         load_codec(tmp_path / "missing.pth", CodecConfig.load("s2pro"))
+
+
+def test_codec_config_detected_from_shapes(tmp_path, config):
+    """load_codec without a config takes the bundled one the file fits, in any weight-norm style; a file that fits
+    none falls to s2pro, whose load names the tensor."""
+    s2pro = CodecConfig.load("s2pro")
+    with torch.device("meta"):
+        layout = checkpoint_layout(Codec(s2pro))
+    assert detect_config({k: torch.empty(shape, device="meta") for k, shape in layout.items()}, tmp_path) == s2pro
+    for style in ("legacy", "parametrized"):
+        state = official_state_dict(build_random_codec(config, seed=5), seed=5, style=style)
+        assert detect_config(state, tmp_path) == config
+    key = "decoder.model.0.conv.parametrizations.weight.original1"
+    state = official_state_dict(build_random_codec(config), seed=0)
+    state[key] = state[key][..., :5]
+    assert detect_config(state, tmp_path) == s2pro
+    torch.save(state, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match="expected"):
+        load_codec(tmp_path / "odd.pth")
 
 
 def test_decode_only_load_then_encoder_on_demand(codec_path, config, codec):
