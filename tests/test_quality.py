@@ -1,4 +1,6 @@
-"""Quality regression, tier 1 of spec/quality-protocol.md: each precision mode against bf16 on a tiny trained Dual-AR.
+"""Quality regression, tiers 1 and 2 of spec/quality-protocol.md: each precision mode against bf16.
+
+Tier 1, a tiny trained Dual-AR (CPU).
 
 A random-init model is near-uniform and ranks formats wrongly, so a tiny model in S2's exact architecture is
 trained here first (synthetic codec-like sequences: a Markov chain of semantic codes, each residual codebook a
@@ -9,11 +11,17 @@ codebook 0 (the slow head) and codebooks 1-9 (the fast head) separately. The gat
 most twice that of a reference fake quantization of the same format (the reference quantizers: bitsandbytes for
 NF4, the cast rule for FP8, round-to-nearest for INT8), so the runtime is no worse than its format; naive per-row
 int4 must fail the NF4 gate on the outlier variant (negative control); bf16 against fp32 stays under 1e-4 mean KL.
+
+Tier 2, the real kernels at S2's real shapes (GPU): a model of S2 Pro's widths with random weights, plain and with
+the same outliers, run one token at a time as decode runs it, where every quantized linear takes its GEMV kernel.
+Per layer, every kernel is within 1e-2 of x @ the reference dequantization (a corrupted scale fails); end to end,
+the same 2x gate against the fake-quant reference run through the same path.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -176,3 +184,120 @@ def test_agreement_metric():
     assert flipped.mean_kl > 0.5 and flipped.same_top == 0.5
     with pytest.raises(ValueError, match="cannot be compared"):
         agreement(ref, ref[:1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tier 2: the real kernels at the real shapes (GPU)
+
+PROMPT, STEPS = 16, 12  # text positions, then teacher-forced frames
+
+
+def real_shapes_model(outliers: bool) -> DualAR:
+    """S2 Pro's widths (every linear at its real shape, the 4 097-row head, 10 codebooks of 4 096) with 2 slow and
+    2 fast layers, weights N(0, 0.02) (head logits of std about 1), fp32 on the GPU."""
+    s2 = bundled_config("s2-pro")
+    config = dataclasses.replace(s2, slow=dataclasses.replace(s2.slow, n_layer=2),
+                                 fast=dataclasses.replace(s2.fast, n_layer=2))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = DualAR(config)
+    model.to("cuda")  # the buffers built on the CPU
+    for p in model.parameters():
+        if p.ndim > 1:
+            torch.nn.init.normal_(p, std=0.02)
+    model = inject_outliers(model) if outliers else model
+    model.build_head()
+    return model.eval()
+
+
+def s2_sequence(config, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt matrix [11, PROMPT + STEPS] (random text, then random frames) and its codes [10, STEPS]."""
+    k = config.num_codebooks
+    codes = torch.randint(0, config.codebook_size, (k, STEPS), generator=gen)
+    tokens = torch.zeros(1 + k, PROMPT + STEPS, dtype=torch.int64)
+    tokens[0, :PROMPT] = torch.randint(0, config.semantic_begin_id, (PROMPT,), generator=gen)
+    tokens[0, PROMPT:] = codes[0] + config.semantic_begin_id
+    tokens[1:, PROMPT:] = codes
+    return tokens, codes
+
+
+@torch.no_grad()
+def decoded_logits(model: DualAR) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced one token at a time as runtime/decode.py runs a frame: the text prefilled, then per frame
+    the slow head at the hidden state, the fast AR's positions 0..9 one by one, the slow step at a device position
+    -> slow logits [2 STEPS, 4 097], fast [2 STEPS, 9, 4 096] over two held-out sequences."""
+    slow, fast = [], []
+    gen = torch.Generator().manual_seed(99)
+    for _ in range(2):
+        tokens, codes = (t.cuda() for t in s2_sequence(model.config, gen))
+        model.setup_caches(PROMPT + STEPS, model.embeddings.weight.dtype, "cuda")
+        hidden = model.forward_slow(tokens[None, :, :PROMPT], 0)[:, -1:]  # [1, 1, D]
+        for t in range(STEPS):
+            slow.append(model.head_logits(hidden)[0, 0])
+            model.forward_fast(hidden, 0)
+            fast.append(torch.stack([model.fast_logits(model.forward_fast(
+                model.fast_embeddings(codes[k - 1, t]).view(1, 1, -1), k))[0, 0] for k in range(1, codes.shape[0])]))
+            position = torch.full((1,), PROMPT + t, dtype=torch.int64, device="cuda")
+            hidden = model.forward_slow(tokens[None, :, PROMPT + t:PROMPT + t + 1], position)
+    return torch.stack(slow), torch.stack(fast)
+
+
+def layer_errors(model: DualAR, float_model: DualAR, fmt: str) -> dict[str, float]:
+    """Every quantized linear of `model` on one token (its GEMV kernel) against x @ the reference dequantization of
+    the same layer's weight in `float_model`: relative Frobenius error per layer. x has one outlier feature, as
+    the normed activations of LLM-like models do."""
+    from quant.base import QuantizedLinear
+
+    errors = {}
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantizedLinear):
+            continue
+        x = torch.randn(1, 1, module.in_features, generator=gen, device="cuda")
+        x[..., 17] *= 30
+        x = x.to(torch.bfloat16)
+        assert module.gemv_applies(x), f"{name}: the kernel path does not apply"
+        reference = x.float() @ fake_quant(float_model.get_submodule(name).weight, fmt).T
+        errors[name] = ((module(x).float() - reference).norm() / reference.norm()).item()
+    return errors
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", ["plain", "outliers"])
+def test_real_kernels_at_real_shapes_are_no_worse_than_their_format(variant):
+    base = real_shapes_model(outliers=variant == "outliers")
+    float_bf16 = copy.deepcopy(base).to(torch.bfloat16)
+    bf16 = decoded_logits(float_bf16)
+    reference_kl = {}
+    for fmt in FORMATS:
+        ours_model = quantized(base, fmt, runtime=True)
+        errors = layer_errors(ours_model, float_bf16, fmt)
+        assert len(errors) == 4 * 5 + 1 and max(errors.values()) <= 1e-2, f"{variant} {fmt}: {errors}"
+        ours = compare(bf16, decoded_logits(ours_model))
+        del ours_model
+        ref = compare(bf16, decoded_logits(quantized(base, fmt, runtime=False)))
+        for head, mine, theirs in zip(("codebook 0", "codebooks 1-9"), ours, ref):
+            assert theirs.mean_kl > 1e-4, f"{variant} {fmt} {head}: the format barely moves the logits: {theirs}"
+            assert mine.mean_kl <= 2 * theirs.mean_kl, f"{variant} {fmt} {head}: ours {mine}, reference {theirs}"
+        reference_kl[fmt] = ref[0].mean_kl
+    assert reference_kl["int8"] < reference_kl["nf4"] and reference_kl["fp8"] < reference_kl["nf4"]
+    if variant == "outliers":  # negative control of the end-to-end gate, as in tier 1
+        naive = compare(bf16, decoded_logits(quantized(base, "naive-int4", runtime=False)))[0]
+        assert naive.mean_kl > 2 * reference_kl["nf4"], f"negative control passed the NF4 gate: {naive}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_per_layer_gate_catches_a_wrong_scale(fmt):
+    """Negative control of the per-layer gate: one layer's scales 3 % off (a kernel reading the wrong block's
+    scale errs by more) fails it, the others pass."""
+    base = real_shapes_model(outliers=False)
+    float_bf16 = copy.deepcopy(base).to(torch.bfloat16)
+    model = quantized(base, fmt, runtime=True)
+    wo = model.layers[1].attention.wo
+    (wo.absmax if fmt == "nf4" else wo.scale).mul_(1.03)
+    errors = layer_errors(model, float_bf16, fmt)
+    assert errors.pop("layers.1.attention.wo") > 1e-2
+    assert max(errors.values()) <= 1e-2
