@@ -21,6 +21,7 @@ from runtime.config import bundled_config
 from runtime.devices import detect_device, parse_size, use_expandable_segments
 from runtime.engine import GenerationConfig, frame_budget, generate_batches
 from runtime.errors import InputError, ResourceError, S2EdgeError
+from runtime.eval_cli import evaluate
 from runtime.loader import PRECISIONS, WeightFormats, load_model, resolve_device
 from runtime.plan_cli import plan
 from runtime.planner import LINEAR_FORMATS, PlanRequest, choose_plan, fallbacks
@@ -278,6 +279,7 @@ def synthetic(out: Path, config_name: str, seed: int, shards: int, device: str, 
 
 
 main.add_command(encode)
+main.add_command(evaluate)
 main.add_command(decode)
 main.add_command(plan)
 main.add_command(voice)

@@ -31,6 +31,7 @@ from quant.base import swap_linears
 from quant.quality import Agreement, agreement
 from runtime.config import bundled_config
 from runtime.model import DualAR, KVCache, run_stack
+from runtime.replay import Replay, per_codebook, replay
 
 CONFIG = bundled_config("tiny")
 TEXT, FRAMES = 8, 48
@@ -176,6 +177,22 @@ def test_every_mode_is_no_worse_than_its_format(trained, variant):
         assert naive.mean_kl > 2 * reference_kl["nf4"], f"negative control passed the NF4 gate: {naive}"
 
 
+def test_replay_one_token_at_a_time_equals_the_whole_sequence_forward(trained):
+    """runtime/replay.py (decode's path: a device position, the fast positions one by one) gives the logits of the
+    whole-sequence teacher-forced forward above, and per_codebook compares them codebook by codebook."""
+    tokens, codes = codec_like_sequence(torch.Generator().manual_seed(4))
+    slow, fast = teacher_forced(trained, tokens, codes)  # frames 1.. from positions TEXT..
+    replayed = replay(trained, tokens[:, :TEXT + 1], codes[:, 1:])
+    torch.testing.assert_close(replayed.slow, slow, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(replayed.fast, fast, rtol=1e-4, atol=1e-4)
+    same = per_codebook([replayed], [replayed])
+    assert len(same) == K and all(a.mean_kl == 0 and a.same_top == 1 for a in same)
+    shifted = Replay(replayed.slow, replayed.fast.clone())
+    shifted.fast[:, 4] = shifted.fast[:, 4].roll(1, dims=-1)  # codebook 5 only
+    moved = per_codebook([replayed], [shifted])
+    assert moved[5].mean_kl > 0.1 and all(a.mean_kl == 0 for i, a in enumerate(moved) if i != 5)
+
+
 def test_agreement_metric():
     ref = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
     same = agreement(ref, ref)
@@ -211,35 +228,18 @@ def real_shapes_model(outliers: bool) -> DualAR:
 
 
 def s2_sequence(config, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A prompt matrix [11, PROMPT + STEPS] (random text, then random frames) and its codes [10, STEPS]."""
-    k = config.num_codebooks
-    codes = torch.randint(0, config.codebook_size, (k, STEPS), generator=gen)
-    tokens = torch.zeros(1 + k, PROMPT + STEPS, dtype=torch.int64)
-    tokens[0, :PROMPT] = torch.randint(0, config.semantic_begin_id, (PROMPT,), generator=gen)
-    tokens[0, PROMPT:] = codes[0] + config.semantic_begin_id
-    tokens[1:, PROMPT:] = codes
-    return tokens, codes
+    """A random text prompt [11, PROMPT] and random frames after it, codes [10, STEPS]."""
+    prompt = torch.zeros(1 + config.num_codebooks, PROMPT, dtype=torch.int64)
+    prompt[0] = torch.randint(0, config.semantic_begin_id, (PROMPT,), generator=gen)
+    return prompt, torch.randint(0, config.codebook_size, (config.num_codebooks, STEPS), generator=gen)
 
 
-@torch.no_grad()
 def decoded_logits(model: DualAR) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced one token at a time as runtime/decode.py runs a frame: the text prefilled, then per frame
-    the slow head at the hidden state, the fast AR's positions 0..9 one by one, the slow step at a device position
-    -> slow logits [2 STEPS, 4 097], fast [2 STEPS, 9, 4 096] over two held-out sequences."""
-    slow, fast = [], []
+    """Two held-out sequences replayed one token at a time as decode runs a frame (runtime/replay.py): slow logits
+    [2 STEPS, 4 097], fast [2 STEPS, 9, 4 096]."""
     gen = torch.Generator().manual_seed(99)
-    for _ in range(2):
-        tokens, codes = (t.cuda() for t in s2_sequence(model.config, gen))
-        model.setup_caches(PROMPT + STEPS, model.embeddings.weight.dtype, "cuda")
-        hidden = model.forward_slow(tokens[None, :, :PROMPT], 0)[:, -1:]  # [1, 1, D]
-        for t in range(STEPS):
-            slow.append(model.head_logits(hidden)[0, 0])
-            model.forward_fast(hidden, 0)
-            fast.append(torch.stack([model.fast_logits(model.forward_fast(
-                model.fast_embeddings(codes[k - 1, t]).view(1, 1, -1), k))[0, 0] for k in range(1, codes.shape[0])]))
-            position = torch.full((1,), PROMPT + t, dtype=torch.int64, device="cuda")
-            hidden = model.forward_slow(tokens[None, :, PROMPT + t:PROMPT + t + 1], position)
-    return torch.stack(slow), torch.stack(fast)
+    runs = [replay(model, *s2_sequence(model.config, gen)) for _ in range(2)]
+    return torch.cat([r.slow for r in runs]), torch.cat([r.fast for r in runs])
 
 
 def layer_errors(model: DualAR, float_model: DualAR, fmt: str) -> dict[str, float]:
