@@ -91,16 +91,18 @@ def replay_all(model, takes: list[tuple[torch.Tensor, torch.Tensor]], label: str
 @click.option("--frames", type=click.IntRange(min=1), default=128, show_default=True,
               help="Frames per take at most (21.5 per second of audio).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--reference-device", help="Run the bf16 reference here instead, e.g. cpu where bf16 does not fit the "
+                                          "GPU (about 9 GB of host RAM; minutes). [default: --device]")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=Path.home() / ".cache" / "s2edge",
               show_default=True, help="Pre-quantized weights, shared with `synthesize`.")
 @click.option("--report", type=click.Path(path_type=Path), help="Also write the table here (markdown).")
 def evaluate(checkpoint: Path, modes: str | None, text: str, voices: tuple[str, ...], voices_dir: Path, takes: int,
-             frames: int, device: str, cache_dir: Path, report: Path | None) -> None:
+             frames: int, device: str, reference_device: str | None, cache_dir: Path, report: Path | None) -> None:
     """Compare each precision mode's next-token distributions with bf16's on this checkpoint (teacher-forced).
 
     bf16 generates the takes; each mode then replays them and is compared per codebook (mean KL from bf16, same top
     code). Exits with status 1 if a mode misses its suggested gate on codebook 0 (FP8 and INT8: KL <= 0.005, same
-    top >= 96 %; NF4: KL <= 0.04, same top >= 90 %). bf16 must fit the device.
+    top >= 96 %; NF4: KL <= 0.04, same top >= 90 %). bf16 must fit the device, or --reference-device cpu.
 
     Example: s2edge eval --checkpoint checkpoints/s2-pro --voice alice --modes fp8,nf4
     """
@@ -108,7 +110,8 @@ def evaluate(checkpoint: Path, modes: str | None, text: str, voices: tuple[str, 
         raise InputError("the text to speak is empty")
     target = resolve_device(device)
     chosen = parse_modes(modes, target)
-    loaded = load(checkpoint, target, WeightFormats(), cache_dir, "bf16")
+    home = target if reference_device is None else resolve_device(reference_device)
+    loaded = load(checkpoint, home, WeightFormats(), cache_dir, "bf16")
     model, config = loaded.model, loaded.model.config
     references = [VoiceLibrary(voices_dir).load(name, config.num_codebooks, config.codebook_size).reference()
                   for name in voices]
@@ -123,7 +126,7 @@ def evaluate(checkpoint: Path, modes: str | None, text: str, voices: tuple[str, 
             recorded.append((prompt, generation.codes))
     reference = replay_all(model, recorded, "bf16")
     del model, loaded
-    if target.type == "cuda":
+    if home.type == "cuda":
         torch.cuda.empty_cache()
     rows, failed = [], []
     for name in chosen:
@@ -140,7 +143,8 @@ def evaluate(checkpoint: Path, modes: str | None, text: str, voices: tuple[str, 
                     f"{sum(a.mean_kl for a in rest) / len(rest):.2e} (worst {max(a.mean_kl for a in rest):.2e}) | "
                     f"{sum(a.same_top for a in rest) / len(rest):.1%} | {'pass' if passed else 'FAIL'} |")
     frames_total = sum(codes.shape[1] for _, codes in recorded)
-    table = [f"Teacher-forced against bf16 on {checkpoint} ({target}): {takes} take(s), {frames_total} frames.", "",
+    table = [f"Teacher-forced against bf16 ({home}) on {checkpoint} ({target}): {takes} take(s), "
+             f"{frames_total} frames.", "",
              "| mode | KL codebook 0 | same top 0 | KL codebooks 1-9: mean (worst) | same top 1-9 | gate |",
              "|---|---|---|---|---|---|", *rows]
     click.echo("\n".join(table))

@@ -55,3 +55,7 @@ def test_eval_on_the_gpu_runs_the_device_default_modes(tiny_checkpoint, tmp_path
     assert cells[0] == "mode"
     modes = cells[1:]
     assert modes == eval_cli.default_modes(torch.device("cuda"))
+    elsewhere = run("-c", tiny_checkpoint, "--device", "cuda", "--reference-device", "cpu", "--modes", "nf4",
+                    "--takes", "1", "--frames", "8", "--cache-dir", tmp_path)
+    assert elsewhere.exit_code in (0, 1), elsewhere.output
+    assert "against bf16 (cpu)" in elsewhere.stdout and "| nf4 |" in elsewhere.stdout
