@@ -344,7 +344,7 @@ def decode_to_file(codes: Tensor | np.ndarray, codec: Codec, path: str | Path,
 def load_codec(path: str | Path, config: CodecConfig | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, with_encoder: bool = False) -> Codec:
     """Load `codec.pth` (official layout; tensors the codec does not use, such as the reference's stale
-    causal_mask/freqs_cis buffers, are never read).
+    causal_mask/freqs_cis buffers, are never read). Without `config`, the bundled one the file fits.
 
     Decode-only by default: the encoder side is loaded by `Codec.load_encoder` or on the first `encode`.
     """
