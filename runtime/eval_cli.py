@@ -9,6 +9,7 @@ nothing about quality and usually fail them.
 
 from __future__ import annotations
 
+import gc
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,14 @@ def load(checkpoint: Path, device: torch.device, formats: WeightFormats, cache_d
                           store=store)
 
 
+def release(device: torch.device) -> None:
+    """Free the model just dropped before loading the next: a model refers to its kept decode loop and the loop to
+    the model, so only the cycle collector frees it."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def replay_all(model, takes: list[tuple[torch.Tensor, torch.Tensor]], label: str) -> list[Replay]:
     with click.progressbar(takes, label=f"replaying {label}", file=sys.stderr) as bar:
         return [replay(model, prompt, codes) for prompt, codes in bar]
@@ -126,16 +135,14 @@ def evaluate(checkpoint: Path, modes: str | None, text: str, voices: tuple[str, 
             recorded.append((prompt, generation.codes))
     reference = replay_all(model, recorded, "bf16")
     del model, loaded
-    if home.type == "cuda":
-        torch.cuda.empty_cache()
+    release(home)
     rows, failed = [], []
     for name in chosen:
         mode = MODES[name]
         model = load(checkpoint, target, mode.formats, cache_dir, name).model
         agreements = per_codebook(reference, replay_all(model, recorded, name))
         del model
-        if target.type == "cuda":
-            torch.cuda.empty_cache()
+        release(target)
         first, rest = agreements[0], agreements[1:]
         passed = first.mean_kl <= mode.max_kl and first.same_top >= mode.min_same_top
         failed += [] if passed else [name]
