@@ -24,6 +24,7 @@ from runtime.codec_checkpoint import load_parameters, read_checkpoint
 from runtime.codec_layers import (Chain, CausalConv1d, CausalConvTranspose1d, CausalPipeline, ConvNeXtBlock,
                                   ResidualUnit, Snake1d, Tanh, WindowTransformer, causal_leaves, weight_normed)
 from runtime.errors import CheckpointError, InputError
+from runtime.meta import meta_device
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DECODE_CHUNK_FRAMES = 128  # ~6 s of audio per piece: bounded memory, few re-computed context frames
@@ -258,7 +259,7 @@ class Codec(nn.Module):
         if self.source is None:
             raise CheckpointError("this codec was built without a checkpoint; cannot load its encoder")
         device, dtype = self.device, self.dtype
-        with torch.device("meta"):
+        with meta_device():
             self.encoder = _encoder(self.config)
             self.quantizer.add_encoder_side(self.config)
         load_parameters(self, read_checkpoint(self.source), self.source, device, dtype)
@@ -350,7 +351,7 @@ def load_codec(path: str | Path, config: CodecConfig | None = None, device: str 
     """
     path = Path(path)
     tensors = read_checkpoint(path)
-    with torch.device("meta"):
+    with meta_device():
         codec = Codec(config or detect_config(tensors, path), with_encoder=with_encoder)
     load_parameters(codec, tensors, path, torch.device(device), dtype)
     codec.source = path
@@ -360,7 +361,7 @@ def load_codec(path: str | Path, config: CodecConfig | None = None, device: str 
 def check_layout(config: CodecConfig, tensors: dict[str, Tensor], path: Path) -> None:
     """Raise CheckpointError, naming the tensor, unless the checkpoint's tensors fill the decoder of `config` in
     every key and shape (a load onto the meta device: no data read)."""
-    with torch.device("meta"):
+    with meta_device():
         trial = Codec(config, with_encoder=False)
     load_parameters(trial, tensors, path, torch.device("meta"), torch.float32)
 

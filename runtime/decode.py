@@ -13,7 +13,7 @@ frames to find <|im_end|>; frames decoded after it are dropped.
 from __future__ import annotations
 
 from typing import Callable
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, ref
 
 import torch
 
@@ -67,7 +67,8 @@ class FrameLoop:
     def __init__(self, model: DualAR, hidden: torch.Tensor, prompt_len: int, budget: int, params: SamplingParams,
                  generator: torch.Generator) -> None:
         device = hidden.device
-        self.model, self.params, self.generator, self.budget = model, params, generator, budget
+        self._model = ref(model)  # weak: the model keeps its last loop (model.frame_loop), not the other way round
+        self.params, self.generator, self.budget = params, generator, budget
         self.rope = model.rope  # the caches this loop's graph reads: setup_caches replaces them and this table
         self.graph: torch.cuda.CUDAGraph | None = None
         self.hidden = hidden.clone()  # [1, D]
@@ -76,6 +77,12 @@ class FrameLoop:
         self.window = torch.zeros(RAS_WINDOW, dtype=torch.int64, device=device)  # the last semantic tokens
         width = max(budget, model.capacity)  # room for any later request's budget
         self.frames = torch.zeros(1 + model.config.num_codebooks, width, dtype=torch.int64, device=device)
+
+    @property
+    def model(self) -> DualAR:
+        """The model this loop decodes for. Held weakly so that dropping the model frees it, its caches and this
+        loop's graph at once (a reference cycle would wait for the cycle collector)."""
+        return self._model()
 
     @classmethod
     def for_request(cls, model: DualAR, hidden: torch.Tensor, prompt_len: int, budget: int, params: SamplingParams,

@@ -9,7 +9,6 @@ nothing about quality and usually fail them.
 
 from __future__ import annotations
 
-import gc
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,9 +74,7 @@ def load(checkpoint: Path, device: torch.device, formats: WeightFormats, cache_d
 
 
 def release(device: torch.device) -> None:
-    """Free the model just dropped before loading the next: a model refers to its kept decode loop and the loop to
-    the model, so only the cycle collector frees it."""
-    gc.collect()
+    """Hand the memory of the model just dropped back to the driver before the next one loads."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -24,6 +24,7 @@ from quant.store import StaleStoreError, load_store, save_store
 from runtime.checkpoint import Checkpoint, open_checkpoint, validate
 from runtime.config import ModelConfig
 from runtime.errors import CheckpointError, InputError, ResourceError
+from runtime.meta import meta_device
 from runtime.model import DualAR
 from runtime.tokenizer import Tokenizer
 
@@ -138,7 +139,7 @@ def load_model(
     config = reconcile_tokenizer(checkpoint.config, tokenizer)
     if formats.quantized and device.type != "cuda" and "nf4" in (formats.slow, formats.fast):
         raise ResourceError("nf4 needs a CUDA GPU (bitsandbytes); use bf16 or fp32 on the CPU")
-    with torch.device("meta"):
+    with meta_device():
         model = DualAR(config)
     model.legal_ids = model.legal_ids.to(device)
     hashes = source_hashes(checkpoint) if store is not None and formats.quantized else {}

@@ -24,13 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import cache
 
-import torch
-
 from runtime.checkpoint import expected_shapes
 from runtime.codec import DECODE_CHUNK_FRAMES, Codec, CodecConfig
 from runtime.config import ModelConfig
 from runtime.devices import GIB, DeviceInfo
 from runtime.errors import InputError, ResourceError
+from runtime.meta import meta_device
 
 PRECISIONS = ("auto", "bf16", "fp8", "int8", "nf4", "fp32")
 LINEAR_FORMATS = ("bf16", "fp8", "int8", "nf4", "fp32")
@@ -118,7 +117,7 @@ def codec_decode_bytes(codec: CodecConfig, frames: int, dtype_bytes: int) -> int
 @cache
 def codec_decode_parameters(codec: CodecConfig) -> int:
     """Parameters of the decode-only codec (post_module, upsample, codebooks and output projections, decoder)."""
-    with torch.device("meta"):
+    with meta_device():
         model = Codec(codec, with_encoder=False)
     return sum(p.numel() for p in model.parameters())
 
