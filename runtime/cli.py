@@ -19,7 +19,7 @@ from runtime.codec import CodecConfig, decode_to_file
 from runtime.codec_cli import CODEC_CONFIG_HELP, codec_config, decode, encode, load_codes, open_codec, save_codes
 from runtime.config import bundled_config
 from runtime.devices import detect_device, parse_size, use_expandable_segments
-from runtime.engine import GenerationConfig, frame_budget, generate_batches
+from runtime.engine import Generation, GenerationConfig, frame_budget, generate_batches
 from runtime.errors import InputError, ResourceError, S2EdgeError
 from runtime.eval_cli import evaluate
 from runtime.loader import PRECISIONS, WeightFormats, load_model, resolve_device
@@ -210,9 +210,18 @@ def synthesize(
         click.echo("note: Triton's kernel cache is empty: the first frame compiles the GPU kernels (once per machine; "
                    "10-22 s on an H100 host, longer on slower CPUs)", err=True)
     start = time.perf_counter()
-    with click.progressbar(length=frames * len(batches), label="generating", file=sys.stderr) as bar:
-        long = generate_batches(model, loaded.tokenizer, batches, references, config,
-                                on_frame=lambda _i: bar.update(1))
+    finished: list[Generation] = []
+    try:
+        with click.progressbar(length=frames * len(batches), label="generating", file=sys.stderr) as bar:
+            long = generate_batches(model, loaded.tokenizer, batches, references, config,
+                                    on_frame=lambda _i: bar.update(1), on_batch=finished.append)
+    except BaseException:  # Ctrl-C, out of memory, anything: keep the batches of a long text already spoken
+        if finished:
+            partial = torch.cat([g.codes for g in finished], dim=1)
+            save_codes(codes_out, partial.numpy())
+            click.echo(f"stopped in text batch {len(finished) + 1} of {len(batches)}: the {len(finished)} before it "
+                       f"({partial.shape[1]} frames) are in {codes_out}", err=True)
+        raise
     elapsed = time.perf_counter() - start
     result = long.batches[0]
     codes = long.codes

@@ -132,8 +132,10 @@ def generate_batches(
     references: list[Reference],
     config: GenerationConfig,
     on_frame: Callable[[int], None] | None = None,
+    on_batch: Callable[[Generation], None] | None = None,
 ) -> LongGeneration:
-    """Several texts (see prompt.text_batches) spoken one after the other in one voice.
+    """Several texts (see prompt.text_batches) spoken one after the other in one voice; `on_batch` gets each
+    batch's result as it finishes (a caller can keep what is done if a later batch fails or is interrupted).
 
     As the reference, each request replays the earlier batches as user/assistant turns (their text and generated
     codes) after the references, so voice and prosody carry over. Beyond it, the oldest turns are dropped while
@@ -152,4 +154,6 @@ def generate_batches(
         result = generate(model, prompt, config, on_frame)
         results.append(result)
         history.append((text, result.codes))
+        if on_batch is not None:
+            on_batch(result)
     return LongGeneration(torch.cat([r.codes for r in results], dim=1), results, kept)

@@ -66,6 +66,30 @@ def test_synthesize_speaks_long_text_in_batches(tiny_checkpoint, tmp_path):
     assert np.load(tmp_path / "long.npy").shape[0] == 10
 
 
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, MemoryError])
+def test_a_long_text_stopped_midway_keeps_the_batches_spoken(tiny_checkpoint, tmp_path, monkeypatch, failure):
+    """Ctrl-C or an error in batch 3 of 3: the codes of batches 1-2 are written, as the whole run wrote them, and
+    the command still fails."""
+    from runtime import engine
+
+    real, calls = engine.generate, []
+
+    def generate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise (KeyboardInterrupt() if failure is KeyboardInterrupt else MemoryError())
+        return real(*args, **kwargs)
+
+    text = "A first sentence here. A second one there. And a third to finish."
+    whole = synth(tiny_checkpoint, tmp_path / "whole.npy", "--text", text, "--chunk-length", "25")
+    assert whole.exit_code == 0 and "3 text batches" in whole.stdout
+    monkeypatch.setattr(engine, "generate", generate)
+    cut = synth(tiny_checkpoint, tmp_path / "cut.npy", "--text", text, "--chunk-length", "25")
+    assert cut.exit_code != 0 and "stopped in text batch 3 of 3" in cut.stderr
+    done = np.load(tmp_path / "cut.npy")
+    assert done.shape[1] > 0 and np.array_equal(done, np.load(tmp_path / "whole.npy")[:, :done.shape[1]])
+
+
 def test_synthesize_with_two_references(tiny_checkpoint, tmp_path):
     rng = np.random.default_rng(0)
     for k in range(2):
