@@ -61,7 +61,7 @@ def _launch_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.
                                         BLOCK=triton.next_power_of_2(d), HAS_DELTA=delta is not None, **FMA)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["positions", "first_slot"])  # per request and per step: one variant for all
 def _norm_rope_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, table_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                       q_heads, kv_heads, positions, token_stride, cache_head_stride, first_slot, eps,
                       HALF: tl.constexpr, HAS_NORM: tl.constexpr, SLOT_ON_DEVICE: tl.constexpr):
