@@ -22,7 +22,7 @@ from runtime.devices import detect_device, parse_size, use_expandable_segments
 from runtime.engine import Generation, GenerationConfig, frame_budget, generate_batches
 from runtime.errors import InputError, ResourceError, S2EdgeError
 from runtime.eval_cli import evaluate
-from runtime.loader import PRECISIONS, WeightFormats, load_model, resolve_device
+from runtime.loader import DEFAULT_CACHE_DIR, PRECISIONS, WeightFormats, load_model, resolve_device, store_path
 from runtime.plan_cli import plan
 from runtime.planner import LINEAR_FORMATS, PlanRequest, choose_plan, fallbacks
 from runtime.planner import PRECISIONS as PLAN_PRECISIONS
@@ -130,7 +130,7 @@ def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], num_codebo
               help="KV-cache tokens the plan reserves (prompt + generated frames).")
 @click.option("--vram-budget", default=None, help="Use at most this much GPU memory, e.g. 8GB.")
 @click.option("--force", is_flag=True, help="Take a forced --precision even if it is predicted not to fit.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path.home() / ".cache" / "s2edge",
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE_DIR,
               show_default=True, help="Where quantized weights are saved once and reloaded on later runs.")
 @click.option("--no-cuda-graph", is_flag=True,
               help="On a GPU, decode frame by frame eagerly instead of replaying one captured CUDA graph per frame.")
@@ -184,7 +184,7 @@ def synthesize(
     loaded = None
     for chosen in (choice.plan, *fallbacks(choice)):
         formats = WeightFormats(chosen.slow_format, chosen.fast_format)
-        store = cache_dir / f"{checkpoint.resolve().name}-{chosen.slow_format}-{chosen.fast_format}.safetensors"
+        store = store_path(cache_dir, checkpoint, formats)
         click.echo(f"plan {chosen.name}: predicted {chosen.total / 2**30:.2f} GiB on {target}", err=True)
         try:
             with click.progressbar(length=header.total_bytes(), label="loading", file=sys.stderr) as bar:

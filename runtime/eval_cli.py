@@ -20,7 +20,7 @@ from runtime.checkpoint import open_checkpoint
 from runtime.engine import GenerationConfig, generate
 from runtime.errors import InputError, S2EdgeError
 from runtime.files import atomic_path
-from runtime.loader import LoadedModel, WeightFormats, load_model, resolve_device
+from runtime.loader import DEFAULT_CACHE_DIR, LoadedModel, WeightFormats, load_model, resolve_device, store_path
 from runtime.prompt import build_prompt
 from runtime.replay import Replay, per_codebook, replay
 from runtime.sampling import SamplingParams
@@ -65,12 +65,9 @@ def parse_modes(text: str | None, device: torch.device) -> list[str]:
 
 def load(checkpoint: Path, device: torch.device, formats: WeightFormats, cache_dir: Path, label: str) -> LoadedModel:
     total = open_checkpoint(checkpoint).total_bytes()
-    store = None
-    if formats.quantized:
-        store = cache_dir / f"{checkpoint.resolve().name}-{formats.slow}-{formats.fast}.safetensors"
     with click.progressbar(length=total, label=f"loading {label}", file=sys.stderr) as bar:
         return load_model(checkpoint, device, torch.bfloat16, on_tensor=lambda _k, n: bar.update(n), formats=formats,
-                          store=store)
+                          store=store_path(cache_dir, checkpoint, formats))
 
 
 def release(device: torch.device) -> None:
@@ -99,7 +96,7 @@ def replay_all(model, takes: list[tuple[torch.Tensor, torch.Tensor]], label: str
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--reference-device", help="Run the bf16 reference here instead, e.g. cpu where bf16 does not fit the "
                                           "GPU (about 9 GB of host RAM; minutes). [default: --device]")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path.home() / ".cache" / "s2edge",
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE_DIR,
               show_default=True, help="Pre-quantized weights, shared with `synthesize`.")
 @click.option("--report", type=click.Path(path_type=Path), help="Also write the table here (markdown).")
 def evaluate(checkpoint: Path, modes: str | None, text: str, voices: tuple[str, ...], voices_dir: Path, takes: int,

@@ -118,6 +118,14 @@ def quantized_modules(model: nn.Module) -> dict[str, tuple[str, dict[str, torch.
     return {name: (m.format, m.stored_tensors()) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "s2edge"  # pre-quantized weights (--cache-dir)
+
+
+def store_path(cache_dir: Path, checkpoint: Path, formats: WeightFormats) -> Path:
+    """Where the pre-quantized weights of `checkpoint` in `formats` are kept: one name for every command."""
+    return cache_dir / f"{checkpoint.resolve().name}-{formats.slow}-{formats.fast}.safetensors"
+
+
 def load_model(
     folder: str | os.PathLike,
     device: torch.device,

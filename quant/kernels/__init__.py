@@ -26,6 +26,7 @@ import torch
 # (the INT8 GEMV at K = 2 560 for sm_90: 824 -> 984 instructions per program, benchmarks/sass_count.py).
 FMA = {"enable_fp_fusion": True}  # launch options, passed at every launch
 
+
 @functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
