@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 
@@ -30,7 +31,7 @@ def test_eval_compares_each_mode_with_bf16(tiny_checkpoint, tmp_path):
 
 
 def test_a_missed_gate_exits_non_zero(tiny_checkpoint, tmp_path, monkeypatch):
-    strict = eval_cli.Mode(eval_cli.MODES["int8"].formats, max_kl=0.0, min_same_top=1.0)
+    strict = dataclasses.replace(eval_cli.MODES["int8"], max_kl=0.0, min_same_top=1.0)
     monkeypatch.setitem(eval_cli.MODES, "int8", strict)
     result = run("-c", tiny_checkpoint, "--device", "cpu", "--modes", "int8", "--takes", "1", "--frames", "4",
                  "--cache-dir", tmp_path)
