@@ -44,7 +44,7 @@ class Mode:
     audio: AudioGate  # ... and on what is heard (--audio)
 
 
-EIGHT_BIT_HEARD, NF4_HEARD = AudioGate(0.5, -0.01), AudioGate(1.0, -0.02)
+EIGHT_BIT_HEARD, NF4_HEARD = AudioGate(0.5, -0.01, -0.05), AudioGate(1.0, -0.02, -0.10)
 MODES = {
     "fp8": Mode(WeightFormats("fp8", "fp8"), 0.005, 0.96, EIGHT_BIT_HEARD),
     "int8": Mode(WeightFormats("int8", "int8"), 0.005, 0.96, EIGHT_BIT_HEARD),
@@ -120,8 +120,9 @@ def replay_all(model, takes: list[tuple[torch.Tensor, torch.Tensor]], label: str
                    "the takes can say the whole text]")
 @click.option("--audio", is_flag=True,
               help="Also hear the takes: each mode speaks the same texts and seeds, the codec decodes them, Whisper "
-                   "tiny.en counts word errors and a speaker encoder compares the voice with the reference (with "
-                   "exactly one --voice). Needs: pip install -e \".[audio-eval]\"")
+                   "tiny.en counts word errors, a speaker encoder compares the voice with the reference (with "
+                   "exactly one --voice) and DNSMOS predicts the opinion score. "
+                   "Needs: pip install -e \".[audio-eval]\"")
 @click.option("--codec", "codec_path", type=click.Path(path_type=Path),
               help="codec.pth for --audio [default: codec.pth in the checkpoint folder].")
 @click.option("--codec-config", "codec_config_name", default="auto", show_default=True, help=CODEC_CONFIG_HELP)
@@ -132,15 +133,16 @@ def replay_all(model, takes: list[tuple[torch.Tensor, torch.Tensor]], label: str
               show_default=True, help="Pre-quantized weights, shared with `synthesize`.")
 @click.option("--report", type=click.Path(path_type=Path), help="Also write the tables here (markdown).")
 def evaluate(checkpoint: Path, modes: str | None, texts: tuple[str, ...], voices: tuple[str, ...], voices_dir: Path,
-             takes: int | None, frames: int | None, audio: bool, codec_path: Path | None, codec_config_name: str, device: str,
-             reference_device: str | None, cache_dir: Path, report: Path | None) -> None:
-    """Compare each precision mode with bf16 on this checkpoint: next-token distributions, and with --audio what is heard.
+             takes: int | None, frames: int | None, audio: bool, codec_path: Path | None, codec_config_name: str,
+             device: str, reference_device: str | None, cache_dir: Path, report: Path | None) -> None:
+    """Compare each precision mode with bf16 on this checkpoint: next-token distributions; with --audio, what is heard.
 
     bf16 generates the takes; each mode then replays them and is compared per codebook (mean KL from bf16, same top
     code). Exits with status 1 if a mode misses its suggested gate on codebook 0 (FP8 and INT8: KL <= 0.005, same
     top >= 96 %; NF4: KL <= 0.04, same top >= 90 %) or, with --audio, on what is heard, paired with bf16's take of
     the same text and seed (FP8 and INT8: word error rate at most 0.5 points higher, speaker similarity at most
-    0.01 lower; NF4: 1.0 and 0.02). bf16 must fit the device, or --reference-device cpu.
+    0.01 and predicted opinion score at most 0.05 lower; NF4: 1.0, 0.02 and 0.10). bf16 must fit the device, or
+    --reference-device cpu.
 
     Example: s2edge eval --checkpoint checkpoints/s2-pro --voice alice --modes fp8,nf4 --audio
     """

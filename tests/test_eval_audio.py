@@ -61,32 +61,37 @@ def test_bootstrap_interval_covers_the_spread_and_is_reproducible():
         bootstrap(lambda i: 0.0, 0)
 
 
-def heard(errors, similarity=None, frames=20, stopped=True, words=20):
-    return [Heard(e, words, None if similarity is None else similarity[i], frames, stopped)
-            for i, e in enumerate(errors)]
+def heard(errors, similarity=None, mos=None, frames=20, stopped=True, words=20):
+    return [Heard(e, words, None if similarity is None else similarity[i], 3.0 if mos is None else mos[i], frames,
+                  stopped) for i, e in enumerate(errors)]
 
 
-GATES = {"fp8": AudioGate(0.5, -0.01), "int8": AudioGate(0.5, -0.01), "nf4": AudioGate(1.0, -0.02)}
+GATES = {name: AudioGate(0.5, -0.01, -0.05) for name in ("fp8", "int8")} | {"nf4": AudioGate(1.0, -0.02, -0.10)}
 
 
-def test_audio_table_gates_word_errors_and_voice():
+def test_audio_table_gates_word_errors_voice_and_opinion_score():
     voice = [0.80, 0.82, 0.78]
     table, failed = audio_table({
         "bf16": heard([1, 2, 1], voice),
-        "fp8": heard([1, 2, 1], [0.80, 0.81, 0.79]),  # same words, same voice
+        "fp8": heard([1, 2, 1], [0.80, 0.81, 0.79], [3.0, 2.99, 2.98]),  # same words, voice and sound
         "int8": heard([2, 3, 2], voice, frames=30, stopped=False),  # one more error per take: +5 points
         "nf4": heard([1, 2, 1], [0.75, 0.77, 0.74]),  # the voice drifts by 0.047
     }, GATES)
     rows = {line.split("|")[1].strip(): line for line in table if line.startswith("| ") and "---" not in line}
-    assert rows["bf16"].startswith("| bf16 | 6.7 % | - | 0.800 | - | 1.00 | 0/3 | - |")
-    assert rows["fp8"].endswith("| pass |") and "| +0.0 (" in rows["fp8"]
+    assert rows["bf16"].startswith("| bf16 | 6.7 % | - | 0.800 | - | 3.00 | - | 1.00 | 0/3 | - |")
+    assert rows["fp8"].endswith("| pass |") and "| +0.0 (" in rows["fp8"] and "| -0.01 (-0.02 to +0.00) |" in \
+        rows["fp8"]
     assert rows["int8"].endswith("| FAIL |") and "| +5.0 (+5.0 to +5.0) |" in rows["int8"]
     assert "| 1.50 | 3/3 |" in rows["int8"]  # longer takes that never ended: reported, not gated
     assert rows["nf4"].endswith("| FAIL |") and "| -0.047 (" in rows["nf4"]
     assert failed == ["int8", "nf4"]
+    _, failed = audio_table({"bf16": heard([0, 0]), "fp8": heard([0, 0], mos=[2.9, 2.95])}, GATES)
+    assert failed == ["fp8"]  # the predicted score 0.075 lower: more than FP8's 0.05
+    _, failed = audio_table({"bf16": heard([0, 0]), "nf4": heard([0, 0], mos=[2.9, 2.95])}, GATES)
+    assert failed == []  # within NF4's 0.10
 
 
-def test_without_a_single_voice_only_words_are_gated():
+def test_without_a_single_voice_only_words_and_sound_are_gated():
     table, failed = audio_table({"bf16": heard([0, 0]), "nf4": heard([0, 0])}, GATES)
     assert failed == [] and "needs exactly one --voice" in table[0]
     row = [line for line in table if line.startswith("| nf4")][0]
@@ -130,6 +135,16 @@ def test_speaker_encoder_tells_the_same_reader_from_another_speaker():
     assert same >= 0.75 and different <= 0.72 and same - different >= 0.1, (same, different)
 
 
+@listening
+def test_opinion_score_falls_with_added_noise():
+    score = audio_judges.QualityPredictor()
+    clean = judge_audio(READER_B)
+    noisy = clean + np.random.default_rng(0).normal(0, 0.05, clean.shape).astype(np.float32)  # -26 dBFS white noise
+    clean_mos, noisy_mos = score(clean), score(noisy)
+    assert 2.8 <= clean_mos <= 4.0 and noisy_mos <= clean_mos - 0.8, (clean_mos, noisy_mos)
+    assert score(np.full(16000, 2.0, dtype=np.float32)) >= 1.0  # out of range: clipped, not an error
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The command
 
@@ -162,6 +177,12 @@ class FakeTranscriber:
         return "Hello there."
 
 
+class FakeQualityPredictor:
+    def __call__(self, samples):
+        assert samples.dtype == np.float32 and samples.ndim == 1 and samples.size > 0
+        return 3.0
+
+
 class FakeSpeakerEncoder:
     """The same voice in everything: similarity 1."""
 
@@ -180,6 +201,7 @@ def judges(request, monkeypatch):
     monkeypatch.setattr(audio_judges, "missing", lambda: [])
     monkeypatch.setattr(eval_audio, "Transcriber", FakeTranscriber)
     monkeypatch.setattr(eval_audio, "SpeakerEncoder", FakeSpeakerEncoder)
+    monkeypatch.setattr(eval_audio, "QualityPredictor", FakeQualityPredictor)
     return False
 
 
@@ -207,10 +229,10 @@ def test_eval_audio_hears_every_mode_on_the_tiny_checkpoint(tiny_checkpoint, tmp
     result, rows = eval_audio_run(tiny_checkpoint, tmp_path, "cpu", "fp8,int8")
     assert list(rows) == ["bf16", "fp8", "int8"]
     for cells in rows.values():
-        assert 0 <= float(cells[0].removesuffix(" %")) and -1 <= float(cells[2]) <= 1
+        assert 0 <= float(cells[0].removesuffix(" %")) and -1 <= float(cells[2]) <= 1 and 1 <= float(cells[4]) <= 5
     if not judges:  # takes of "Hello there." heard right, of "A second text." all 3 words wrong: 6 of 10
         assert all(cells[0] == "60.0 %" for cells in rows.values())
-        assert all(cells[2] == "1.000" for cells in rows.values())
+        assert all(cells[2] == "1.000" and cells[4] == "3.00" for cells in rows.values())
         assert rows["fp8"][1] == rows["int8"][1] == "+0.0 (+0.0 to +0.0)"
         assert rows["fp8"][-1] == rows["int8"][-1] == "pass"  # (the teacher-forced table may fail random weights)
 
@@ -223,5 +245,6 @@ def test_eval_audio_on_the_gpu(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(audio_judges, "missing", lambda: [])
     monkeypatch.setattr(eval_audio, "Transcriber", FakeTranscriber)
     monkeypatch.setattr(eval_audio, "SpeakerEncoder", FakeSpeakerEncoder)
+    monkeypatch.setattr(eval_audio, "QualityPredictor", FakeQualityPredictor)
     _, rows = eval_audio_run(tiny_checkpoint, tmp_path, "cuda", "nf4,nf4-all")
     assert list(rows) == ["bf16", "nf4", "nf4-all"] and all(cells[0] == "60.0 %" for cells in rows.values())
