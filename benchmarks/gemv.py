@@ -51,7 +51,8 @@ SHAPES: list[tuple[int, int, str]] = [
     (4096, 2560, "fast_output"),
     (4097, 2560, "slow head, 4 097 legal rows"),
 ]
-TARGETS = [("ours-nf4", "bnb-nf4", 2.0), ("ours-fp8", "bf16", 1.5), ("ours-int8", "bf16", 1.5)]
+TARGETS = [("ours-nf4", "bnb-nf4", 2.0), ("ours-fp8", "bf16", 1.5), ("ours-int8", "bf16", 1.5),
+           ("ours-bf16", "bf16", 1.0)]
 GRAPH_CLOSE = 1e-3  # replay vs eager: anything above this is a failed replay
 
 
@@ -111,6 +112,36 @@ class Bf16(Variant):
 
     def reference(self, i):
         return self.x.float() @ self.w[i].float().T
+
+
+class OursBf16(Variant):
+    """The bf16 layers' one-token forward (quant/base.py FloatLinear): our GEMV, or cuBLAS where the first call
+    timed it quicker (the chosen configurations below say which)."""
+
+    key, title = "ours-bf16", "our bf16 GEMV (or cuBLAS where quicker)"
+
+    def unavailable(self):
+        from quant.kernels import triton_available
+
+        return None if triton_available() else "n/a: triton not installed"
+
+    def prepare(self, weights):
+        from quant.base import FloatLinear
+
+        self.layers = []
+        for w in weights:
+            layer = FloatLinear(self.k, self.n, bias=False, device="meta")
+            layer.weight = torch.nn.Parameter(w, requires_grad=False)
+            self.layers.append(layer)
+        if not self.layers[0].gemv_applies(self.x):
+            raise RuntimeError("the layer does not take the kernel path for this input")
+        return self.n * self.k * 2
+
+    def run(self, i):
+        return self.layers[i](self.x)
+
+    def reference(self, i):
+        return self.x.float() @ self.layers[i].weight.float().T
 
 
 class BnbNF4(Variant):
@@ -228,7 +259,7 @@ class OursFP8Bits(OursLayer):
         return gemv8(self.x.view(-1), layer.weight, layer.scale, fp8_bits=True).view(1, -1)
 
 
-VARIANTS: list[type[Variant]] = [Bf16, BnbNF4, ScaledMmFP8, OursNF4, OursFP8, OursFP8Bits, OursInt8]
+VARIANTS: list[type[Variant]] = [Bf16, OursBf16, BnbNF4, ScaledMmFP8, OursNF4, OursFP8, OursFP8Bits, OursInt8]
 
 
 def _bnb_missing() -> str | None:
@@ -372,7 +403,7 @@ def render_report(meta: dict[str, str], results: dict[tuple[int, int], dict[str,
         row = [format_check(cells[v.key]) if v.key in cells else "-" for v in variants]
         lines.append(f"| {n}x{k} | " + " | ".join(row) + " |")
     if tiles:
-        lines += ["", "## Configurations chosen on the first call (8-bit: tile; NF4: Triton tile or PTX plan)", "",
+        lines += ["", "## Configurations chosen on the first call (8-bit and bf16: tile or cuBLAS; NF4: Triton tile or PTX plan)", "",
                   "| kernel | key (N, K, ...) | choice |", "|---|---|---|"]
         lines += [f"| {kernel} | {key} | {choice} |" for kernel, key, choice in tiles]
     return "\n".join(lines) + "\n"

@@ -145,13 +145,40 @@ class RowScaledLinear(QuantizedLinear):
         return gemv8(x, self.weight, self.scale, up=(up.weight, up.scale))
 
 
+class FloatLinear(nn.Linear):
+    """`nn.Linear` whose forward for one token on CUDA with bf16 / fp16 weights runs our batch-1 GEMV: 1.09-1.31x
+    faster than cuBLAS on S2's shapes on an H100 (benchmarks/results/gemv-*.md), and the first call per shape keeps
+    cuBLAS where it is quicker. Same parameters and state dict as `nn.Linear`; everything else goes to it."""
+
+    def gemv_applies(self, x: Tensor) -> bool:
+        from quant.kernels import kernels_supported
+
+        return (x.is_cuda and x.numel() == self.in_features and self.bias is None and x.dtype == self.weight.dtype
+                and x.dtype in (torch.bfloat16, torch.float16) and kernels_supported(x.device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gemv_applies(x):  # the first call per shape times the candidates (a sync): before graph capture
+            from quant.kernels.gemv8 import gemv_float
+
+            return gemv_float(x.reshape(-1), self.weight).view(*x.shape[:-1], self.out_features)
+        return super().forward(x)
+
+
 def silu_gated(gate: nn.Module, up: nn.Module, x: Tensor) -> Tensor | None:
-    """An FFN's SiLU(gate(x)) * up(x) as one kernel launch: both layers quantized alike, x one token where the
-    kernels run. None elsewhere (float layers, prefill, CPU): the caller runs the two layers and the product."""
-    if not (isinstance(gate, QuantizedLinear) and type(up) is type(gate) and gate.gemv_applies(x)
+    """An FFN's SiLU(gate(x)) * up(x) as one kernel launch: both layers quantized alike (or both float), x one token
+    where the kernels run. None elsewhere (prefill, CPU, mixed layers): the caller runs the two layers and the
+    product."""
+    if not (isinstance(gate, (QuantizedLinear, FloatLinear)) and type(up) is type(gate) and gate.gemv_applies(x)
             and (up.out_features, up.in_features) == (gate.out_features, gate.in_features)):
         return None
-    y = gate.gated_gemv(up, x.reshape(-1))
+    if isinstance(gate, FloatLinear):
+        if up.weight.dtype != gate.weight.dtype or not up.gemv_applies(x):
+            return None
+        from quant.kernels.gemv8 import gemv_float
+
+        y = gemv_float(x.reshape(-1), gate.weight, up=up.weight)
+    else:
+        y = gate.gated_gemv(up, x.reshape(-1))
     return None if y is None else y.view(*x.shape[:-1], gate.out_features)
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.base import silu_gated
+from quant.base import FloatLinear, silu_gated
 from quant.kernels import kernels_supported
 from runtime.config import ModelConfig, StackConfig
 
@@ -155,8 +155,8 @@ class Attention(nn.Module):
     def __init__(self, stack: StackConfig, eps: float):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = stack.n_head, stack.n_local_heads, stack.head_dim
-        self.wqkv = nn.Linear(stack.dim, stack.qkv_rows, bias=False)
-        self.wo = nn.Linear(stack.n_head * stack.head_dim, stack.dim, bias=False)
+        self.wqkv = FloatLinear(stack.dim, stack.qkv_rows, bias=False)
+        self.wo = FloatLinear(stack.n_head * stack.head_dim, stack.dim, bias=False)
         self.q_norm = HeadNorm(stack.head_dim, eps) if stack.qk_norm else None
         self.k_norm = HeadNorm(stack.head_dim, eps) if stack.qk_norm else None
         self.kv_cache: KVCache | None = None
@@ -203,9 +203,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, stack: StackConfig):
         super().__init__()
-        self.w1 = nn.Linear(stack.dim, stack.intermediate_size, bias=False)  # gate
-        self.w3 = nn.Linear(stack.dim, stack.intermediate_size, bias=False)  # up
-        self.w2 = nn.Linear(stack.intermediate_size, stack.dim, bias=False)  # down
+        self.w1 = FloatLinear(stack.dim, stack.intermediate_size, bias=False)  # gate
+        self.w3 = FloatLinear(stack.dim, stack.intermediate_size, bias=False)  # up
+        self.w2 = FloatLinear(stack.intermediate_size, stack.dim, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Each [B, T, intermediate] temporary is freed as soon as it is used (the planner's peak): gate and up live
@@ -259,7 +259,7 @@ class DualAR(nn.Module):
         self.fast_embeddings = nn.Embedding(c.codebook_size, c.fast.dim)
         self.fast_layers = nn.ModuleList(Block(c.fast, c.norm_eps) for _ in range(c.fast.n_layer))
         self.fast_norm = RMSNorm(c.fast.dim, c.norm_eps)
-        self.fast_output = nn.Linear(c.fast.dim, c.codebook_size, bias=False)
+        self.fast_output = FloatLinear(c.fast.dim, c.codebook_size, bias=False)
         # The slow head may only emit <|im_end|> or a semantic token: index 0 -> im_end, 1 + c -> semantic c.
         # Built on the CPU explicitly: the loader constructs the model under a meta-device context.
         legal = torch.cat(
@@ -280,7 +280,7 @@ class DualAR(nn.Module):
         """Gather the 4 097 legal rows of the tied head: same logits as the constrained full head, 38x less work."""
         table = self.embeddings.weight.detach()
         weight = table[self.legal_ids.to(table.device)].to(self.legal_ids.device)
-        self.head = nn.Linear(self.config.dim, weight.shape[0], bias=False, device="meta")
+        self.head = FloatLinear(self.config.dim, weight.shape[0], bias=False, device="meta")
         self.head.weight = nn.Parameter(weight.clone(), requires_grad=False)
 
     def setup_caches(self, capacity: int, dtype: torch.dtype, device: torch.device | str) -> None:

@@ -1,8 +1,9 @@
-"""Batch-1 GEMV over 8-bit weights with one fp32 scale per output row (FP8 e4m3 or INT8).
+"""Batch-1 GEMV over 8-bit weights with one fp32 scale per output row (FP8 e4m3 or INT8), and over bf16 / fp16
+weights (no scale), where it is 1.09-1.31x faster than cuBLAS on S2's shapes (H100, benchmarks/results/gemv-*.md).
 
-y[n] = scale[n] * sum_k x[k] * q[n, k], accumulated in fp32. Each weight byte is read once, straight from the
-stored layout. FP8 uses the hardware conversion on sm_89+; Triton cannot compile float8_e4m3fn for older cards,
-so there the kernel decodes the bits with integer operations (exact for every finite e4m3 value).
+y[n] = scale[n] * sum_k x[k] * q[n, k], accumulated in fp32. Each weight is read once, straight from the stored
+layout. FP8 uses the hardware conversion on sm_89+; Triton cannot compile float8_e4m3fn for older cards, so there
+the kernel decodes the bits with integer operations (exact for every finite e4m3 value).
 
 Layout: a program holds a [BLOCK_N, BLOCK_K] tile of weights (16-byte loads) and the matching x once for all its
 rows, accumulates products elementwise, and reduces across threads only once, at the end.
@@ -14,11 +15,12 @@ SiLU(gate) * up with swiglu.py's arithmetic: one launch where the two GEMVs and 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from quant.kernels import fp8_native
-from quant.kernels.swiglu import silu_times
+from quant.kernels.swiglu import silu_mul, silu_times
 from quant.kernels.tiles import TILES, Tile, fastest, step_columns
 
 
@@ -35,14 +37,15 @@ def _decode_e4m3_bits(q):
 @triton.jit
 def _gemv8_kernel(
     x_ptr,  # [K] bf16 / fp16 / fp32
-    w_ptr,  # [N, K] int8 or float8_e4m3fn (uint8 when FP8_BITS), row-major
-    scale_ptr,  # [N] fp32
+    w_ptr,  # [N, K] int8, float8_e4m3fn (uint8 when FP8_BITS), bf16 or fp16, row-major
+    scale_ptr,  # [N] fp32 (SCALED; otherwise w_ptr again, unread)
     up_ptr,  # GATED: the up weight, like w_ptr (otherwise w_ptr again, unread)
     up_scale_ptr,  # GATED: its scales
     y_ptr,  # [N], x's dtype
     N,
     K: tl.constexpr,  # compile-time: the K loop below is unrolled whole
     FP8_BITS: tl.constexpr,
+    SCALED: tl.constexpr,  # 8-bit weights times their row scales; float weights have none
     GATED: tl.constexpr,  # y = SiLU(w x) * (up x): the FFN's gate and up projections in one launch
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -65,9 +68,9 @@ def _gemv8_kernel(
         acc += _decode(q, FP8_BITS) * xk.to(tl.float32)[None, :]
         if GATED:
             acc_up += _decode(q_up, FP8_BITS) * xk.to(tl.float32)[None, :]
-    y = _row_sums(acc, scale_ptr, rows, FP8_BITS)
+    y = _row_sums(acc, scale_ptr, rows, FP8_BITS, SCALED)
     if GATED:
-        y = silu_times(y, _row_sums(acc_up, up_scale_ptr, rows, FP8_BITS), y_ptr.dtype.element_ty)
+        y = silu_times(y, _row_sums(acc_up, up_scale_ptr, rows, FP8_BITS, SCALED), y_ptr.dtype.element_ty)
     tl.store(y_ptr + out_rows, y.to(y_ptr.dtype.element_ty), mask=out_rows < N)
 
 
@@ -80,16 +83,19 @@ def _decode(q, FP8_BITS: tl.constexpr):
 
 
 @triton.jit
-def _row_sums(acc, scale_ptr, rows, FP8_BITS: tl.constexpr):
+def _row_sums(acc, scale_ptr, rows, FP8_BITS: tl.constexpr, SCALED: tl.constexpr):
     """[BLOCK_N, BLOCK_K] products -> the rows' values, scaled (fp32)."""
-    y = tl.sum(acc, axis=1) * tl.load(scale_ptr + rows)
+    y = tl.sum(acc, axis=1)
+    if SCALED:
+        y = y * tl.load(scale_ptr + rows)
     if FP8_BITS:
         y = y * 256.0
     return y
 
 
-# (N, K, weight dtype, bit decode, gated, x dtype, device) -> the tile the first call timed fastest
-_tiles: dict[tuple, Tile] = {}
+# (N, K, weight dtype, bit decode, gated, x dtype, device) -> the tile the first call timed fastest (None: cuBLAS,
+# for float weights)
+_tiles: dict[tuple, Tile | None] = {}
 
 
 def gemv8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fp8_bits: bool | None = None,
@@ -125,15 +131,45 @@ def gemv8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fp8_bit
     return _launch(x, weight, scale, up_weight, up_scale, fp8_bits, gated, tile)
 
 
+def gemv_float(x: torch.Tensor, weight: torch.Tensor, *, up: torch.Tensor | None = None, tile: Tile | None = None,
+               choose: bool = True) -> torch.Tensor:
+    """x [K] @ weight [N, K].T -> [N] for bf16 / fp16 weights of x's dtype; with `up` (a second weight like it),
+    SiLU(that) * (x @ up.T) instead.
+
+    The first call per shape times the tiles against cuBLAS (F.linear, and for the gated form F.linear twice and
+    swiglu's kernel) and keeps the quickest, so a card where cuBLAS wins keeps it; `tile` fixes a tile instead.
+    """
+    n, k = weight.shape
+    assert weight.dtype in (torch.bfloat16, torch.float16) and x.dtype == weight.dtype and x.shape == (k,)
+    assert weight.is_contiguous() and n * k < 2**31
+    assert up is None or (up.shape == weight.shape and up.dtype == weight.dtype and up.is_contiguous())
+    if tile is None:
+        key = (n, k, weight.dtype, False, up is not None, x.dtype, x.device)
+        if key not in _tiles:
+            tensors = (weight,) if up is None else (weight, up)
+            _tiles[key] = fastest(tensors, (None, *TILES), lambda t, w, *u: _float(x, w, u[0] if u else None, t))
+        tile = _tiles[key]
+    return _float(x, weight, up, tile)
+
+
+def _float(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None, tile: Tile | None) -> torch.Tensor:
+    if tile is None:  # cuBLAS
+        if up is None:
+            return F.linear(x, weight)
+        return silu_mul(F.linear(x, weight), F.linear(x, up))
+    return _launch(x, weight, weight, weight if up is None else up, weight, False, up is not None, tile,
+                   scaled=False)
+
+
 def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, up_weight: torch.Tensor,
-            up_scale: torch.Tensor, fp8_bits: bool, gated: bool, tile: Tile) -> torch.Tensor:
+            up_scale: torch.Tensor, fp8_bits: bool, gated: bool, tile: Tile, scaled: bool = True) -> torch.Tensor:
     n, k = weight.shape
     y = torch.empty(n, dtype=x.dtype, device=x.device)
     _gemv8_kernel[(triton.cdiv(n, tile.block_n),)](x, weight, scale, up_weight, up_scale, y, n, k, FP8_BITS=fp8_bits,
-                                                   GATED=gated, **tile.launch_args())
+                                                   SCALED=scaled, GATED=gated, **tile.launch_args())
     return y
 
 
 def chosen_tiles() -> dict[tuple, str]:
     """Per key of the first calls so far, the tile they chose (for benchmark reports)."""
-    return {key: str(tile) for key, tile in _tiles.items()}
+    return {key: "cuBLAS" if tile is None else str(tile) for key, tile in _tiles.items()}
