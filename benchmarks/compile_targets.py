@@ -88,6 +88,7 @@ GEMVS = {
     "INT8 GEMV": ("int8", DIM, Tile(2, 512, 1), False),
     "FP8 GEMV (hardware conversion)": ("fp8", DIM, Tile(2, 512, 1), False),
     "FP8 GEMV (bit decode)": ("fp8-bits", DIM, Tile(2, 512, 1), False),
+    "bf16 GEMV": ("bf16", DIM, Tile(1, 512, 1), False),
 }
 
 

@@ -90,11 +90,12 @@ def count(fmt: str, k: int, tile: Tile, arch: int = 90, shuffle: bool = False, q
                                            rows_first, loads_by_row)}
     else:
         kernel = _gemv8_kernel
-        weight = {"fp8": "*fp8e4nv", "int8": "*i8", "fp8-bits": "*u8"}[fmt]
-        signature = {"x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": "*fp32", "up_ptr": weight,
-                     "up_scale_ptr": "*fp32", "y_ptr": "*bf16", "N": "i32", "K": "constexpr", "FP8_BITS": "constexpr",
+        weight = {"fp8": "*fp8e4nv", "int8": "*i8", "fp8-bits": "*u8", "bf16": "*bf16"}[fmt]
+        scale = weight if fmt == "bf16" else "*fp32"  # float weights have no scales: the weight passed again, unread
+        signature = {"x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": scale, "up_ptr": weight, "up_scale_ptr": scale,
+                     "y_ptr": "*bf16", "N": "i32", "K": "constexpr", "FP8_BITS": "constexpr", "SCALED": "constexpr",
                      "GATED": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-        constexprs = {"K": k, "FP8_BITS": fmt == "fp8-bits", "GATED": False}
+        constexprs = {"K": k, "FP8_BITS": fmt == "fp8-bits", "SCALED": fmt != "bf16", "GATED": False}
     if fmt != "nf4-ptx":
         constexprs |= {"BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k}
     compiled = compile_for(kernel, signature, constexprs, arch, tile.num_warps, max_registers, aligned=("N",))
@@ -109,7 +110,7 @@ def count(fmt: str, k: int, tile: Tile, arch: int = 90, shuffle: bool = False, q
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("format", choices=["nf4", "nf4-ptx", "fp8", "int8", "fp8-bits"])
+    parser.add_argument("format", choices=["nf4", "nf4-ptx", "fp8", "int8", "fp8-bits", "bf16"])
     parser.add_argument("--k", type=int, default=2560, help="input features (compiled in: the K loop is unrolled)")
     parser.add_argument("--tile", default="1,256,1", help="BLOCK_N,BLOCK_K,num_warps (nf4-ptx: rows,chains,warps)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability as a number: 80, 86, 89, 90")

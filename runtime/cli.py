@@ -208,7 +208,7 @@ def synthesize(
                    f"{prompt.shape[1]}-token prompt", err=True)
     if target.type == "cuda" and kernels_supported(target) and compile_cache_empty():
         click.echo("note: Triton's kernel cache is empty: the first frame compiles the GPU kernels (once per machine; "
-                   "10-22 s on an H100 host, longer on slower CPUs)", err=True)
+                   "15-22 s on an H100 or H200 host, longer on slower CPUs)", err=True)
     start = time.perf_counter()
     finished: list[Generation] = []
     try:
