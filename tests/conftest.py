@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic checkpoint in the official layout, written once per test session.
+"""Shared fixtures: a tiny synthetic checkpoint in the official layout, written once per test session; and a check
+that a one-token layer replays from a CUDA graph as it runs eagerly.
 
 Without CUDA, our Triton kernels run in Triton's interpreter on CPU tensors where a test calls them
 (tests/test_quant_kernels.py): TRITON_INTERPRET must be set before Triton is first imported, by whichever test
@@ -48,3 +49,18 @@ def tiny_checkpoint(tmp_path_factory, tiny_config) -> Path:
 def tiny_model(tiny_checkpoint):
     """The tiny model in fp32 on the CPU (reference precision for numerics tests)."""
     return load_model(tiny_checkpoint, torch.device("cpu"), torch.float32)
+
+
+def assert_graph_replays_eager(layer, x: torch.Tensor) -> None:
+    """`layer(x)` captured in a CUDA graph, replayed on a new x in place, equals an eager call on that x bit for bit
+    (the output poisoned first). Call the layer once before: its first call may choose a kernel (and sync)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x)
+    x2 = torch.randn_like(x)
+    expected = layer(x2)
+    x.copy_(x2)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)

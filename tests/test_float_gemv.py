@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import assert_graph_replays_eager
 from quant.base import FloatLinear, error_stats, silu_gated
 
 CUDA = torch.cuda.is_available()
@@ -98,16 +99,7 @@ def test_float_linear_dispatch_choice_and_graph_replay(n, k):
     eager = layer(x)  # the first call chooses (ours or cuBLAS): before capture
     assert (n, k, torch.bfloat16, False, False, torch.bfloat16, x.device) in chosen_tiles()
     assert eager.shape == (1, 1, n) and error_stats(eager, x.float().reshape(1, k) @ layer.weight.float().T).ok()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = layer(x)
-    x2 = torch.randn_like(x)
-    expected = layer(x2)
-    x.copy_(x2)
-    out.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, expected)
+    assert_graph_replays_eager(layer, x)
     prefill = torch.randn(7, k, device="cuda", dtype=torch.bfloat16)  # more tokens: cuBLAS
     assert not layer.gemv_applies(prefill) and torch.equal(layer(prefill), F.linear(prefill, layer.weight))
 

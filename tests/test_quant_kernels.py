@@ -17,6 +17,7 @@ import torch
 CUDA = torch.cuda.is_available()
 pytest.importorskip("triton")
 
+from conftest import assert_graph_replays_eager  # noqa: E402
 from quant.base import error_stats, quantize_linear  # noqa: E402
 from quant.kernels.gemv8 import gemv8  # noqa: E402
 from quant.kernels import gemv_nf4_ptx  # noqa: E402
@@ -152,16 +153,7 @@ def test_layer_dispatch_choice_and_graph_replay(fmt, n, k):
     ref = x.float().reshape(1, k) @ layer.dequantize().T
     eager = layer(x)  # the first call chooses the configuration: before capture
     assert eager.shape == (1, 1, n) and error_stats(eager, ref).ok()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = layer(x)
-    x2 = torch.randn_like(x)
-    expected = layer(x2)
-    x.copy_(x2)
-    out.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, expected)
+    assert_graph_replays_eager(layer, x)
     prefill = torch.randn(7, k, device=DEVICE, dtype=torch.bfloat16)  # more tokens: dequantize + matmul
     assert not layer.gemv_applies(prefill)
     assert error_stats(layer(prefill), prefill.float() @ layer.dequantize().T).ok()
