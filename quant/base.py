@@ -146,7 +146,7 @@ class RowScaledLinear(QuantizedLinear):
 
 
 class FloatLinear(nn.Linear):
-    """`nn.Linear` whose forward for one token on CUDA with bf16 / fp16 weights runs our batch-1 GEMV: 1.09-1.31x
+    """`nn.Linear` whose forward for one token on CUDA with bf16 / fp16 weights runs our batch-1 GEMV: 1.15-1.49x
     faster than cuBLAS on S2's shapes on an H100 (benchmarks/results/gemv-*.md), and the first call per shape keeps
     cuBLAS where it is quicker. Same parameters and state dict as `nn.Linear`; everything else goes to it."""
 

@@ -1,7 +1,7 @@
 """The S2 Pro Dual-AR: a Qwen3-shaped slow AR over time and a 4-layer fast AR over the 10 codebooks of a frame.
 
 One definition serves CPU eager, GPU eager and CUDA-graph replay; precision modes only swap the `nn.Linear`
-modules. Numerics follow the reference (spec sections 2-3): block RMSNorm rounds before the gain multiply, QK-norm
+modules (float ones are `FloatLinear`: for one token on a GPU, our GEMV). Numerics follow the reference (spec sections 2-3): block RMSNorm rounds before the gain multiply, QK-norm
 (slow AR only) multiplies in fp32 and rounds once, RoPE uses interleaved pairs with a bf16 (cos, sin) table,
 audio positions embed as (token + 10 codebook rows) / sqrt(11), and the fast AR reads the *normed* slow hidden.
 On a GPU each residual add with the norm after it, each attention's QK-norm + RoPE of q and k with the K/V cache
@@ -269,7 +269,7 @@ class DualAR(nn.Module):
             ]
         )
         self.register_buffer("legal_ids", legal, persistent=False)
-        self.head: nn.Linear | None = None  # rows of `embeddings` at legal_ids, built by build_head()
+        self.head: FloatLinear | None = None  # rows of `embeddings` at legal_ids, built by build_head()
         self.rope: torch.Tensor | None = None
         self.fast_rope: torch.Tensor | None = None
         self.cache_slots: torch.Tensor | None = None  # arange(capacity): masks the cache for a device position

@@ -1,5 +1,5 @@
 """Batch-1 GEMV over 8-bit weights with one fp32 scale per output row (FP8 e4m3 or INT8), and over bf16 / fp16
-weights (no scale), where it is 1.09-1.31x faster than cuBLAS on S2's shapes (H100, benchmarks/results/gemv-*.md).
+weights (no scale), where it is 1.15-1.49x faster than cuBLAS on S2's shapes (H100, benchmarks/results/gemv-*.md).
 
 y[n] = scale[n] * sum_k x[k] * q[n, k], accumulated in fp32. Each weight is read once, straight from the stored
 layout. FP8 uses the hardware conversion on sm_89+; Triton cannot compile float8_e4m3fn for older cards, so there
@@ -131,8 +131,8 @@ def gemv8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fp8_bit
     return _launch(x, weight, scale, up_weight, up_scale, fp8_bits, gated, tile)
 
 
-def gemv_float(x: torch.Tensor, weight: torch.Tensor, *, up: torch.Tensor | None = None, tile: Tile | None = None,
-               choose: bool = True) -> torch.Tensor:
+def gemv_float(x: torch.Tensor, weight: torch.Tensor, *, up: torch.Tensor | None = None,
+               tile: Tile | None = None) -> torch.Tensor:
     """x [K] @ weight [N, K].T -> [N] for bf16 / fp16 weights of x's dtype; with `up` (a second weight like it),
     SiLU(that) * (x @ up.T) instead.
 
