@@ -1,9 +1,10 @@
 """The S2 Pro Dual-AR: a Qwen3-shaped slow AR over time and a 4-layer fast AR over the 10 codebooks of a frame.
 
 One definition serves CPU eager, GPU eager and CUDA-graph replay; precision modes only swap the `nn.Linear`
-modules (float ones are `FloatLinear`: for one token on a GPU, our GEMV). Numerics follow the reference (spec sections 2-3): block RMSNorm rounds before the gain multiply, QK-norm
-(slow AR only) multiplies in fp32 and rounds once, RoPE uses interleaved pairs with a bf16 (cos, sin) table,
-audio positions embed as (token + 10 codebook rows) / sqrt(11), and the fast AR reads the *normed* slow hidden.
+modules (the float ones are `FloatLinear`: our GEMV for one token on a GPU). Numerics follow the reference (spec
+sections 2-3): block RMSNorm rounds before the gain multiply, QK-norm (slow AR only) multiplies in fp32 and rounds
+once, RoPE uses interleaved pairs with a bf16 (cos, sin) table, audio positions embed as (token + 10 codebook rows)
+/ sqrt(11), and the fast AR reads the *normed* slow hidden.
 On a GPU each residual add with the norm after it, each attention's QK-norm + RoPE of q and k with the K/V cache
 writes and each SiLU x up is one Triton kernel (`fused_kernels`) with that same arithmetic; the torch expressions
 here are what the CPU runs.
