@@ -155,6 +155,8 @@ def evaluate(checkpoint: Path, modes: str | None, texts: tuple[str, ...], voices
     chosen = parse_modes(modes, target)
     if audio:  # everything --audio needs is checked before the first model loads
         audio_judges.require()
+        if any(not audio_judges.words(text) for text in texts):
+            raise InputError("with --audio every text needs words to check the transcripts against")
         codec_file = codec_path or checkpoint / "codec.pth"
         codec_arch = codec_config(codec_config_name, codec_file)
     home = target if reference_device is None else resolve_device(reference_device)

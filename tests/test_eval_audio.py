@@ -161,6 +161,14 @@ def test_audio_without_its_packages_fails_before_loading(tiny_checkpoint, tmp_pa
     assert "needs faster-whisper, resemblyzer: pip install -e \".[audio-eval]\"" in result.stderr
 
 
+def test_audio_with_a_text_without_words_fails_before_loading(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(audio_judges, "missing", lambda: [])
+    monkeypatch.setattr(eval_cli, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    result = run("-c", tiny_checkpoint, "--device", "cpu", "--modes", "int8", "--audio", "--text", "Hello.",
+                 "--text", "?!")
+    assert result.exit_code == 2 and "every text needs words" in result.stderr
+
+
 def test_audio_with_a_missing_codec_fails_before_loading(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(audio_judges, "missing", lambda: [])
     monkeypatch.setattr(eval_cli, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
