@@ -163,6 +163,14 @@ class FloatLinear(nn.Linear):
             return gemv_float(x.reshape(-1), self.weight).view(*x.shape[:-1], self.out_features)
         return super().forward(x)
 
+    def gated_gemv(self, up: Self, x: Tensor) -> Tensor | None:
+        """As QuantizedLinear.gated_gemv: SiLU(x @ W.T) * (x @ up's W.T) in one launch, None where `up` differs."""
+        if not up.gemv_applies(x):
+            return None
+        from quant.kernels.gemv8 import gemv_float
+
+        return gemv_float(x, self.weight, up=up.weight)
+
 
 def silu_gated(gate: nn.Module, up: nn.Module, x: Tensor) -> Tensor | None:
     """An FFN's SiLU(gate(x)) * up(x) as one kernel launch: both layers quantized alike (or both float), x one token
@@ -171,14 +179,7 @@ def silu_gated(gate: nn.Module, up: nn.Module, x: Tensor) -> Tensor | None:
     if not (isinstance(gate, (QuantizedLinear, FloatLinear)) and type(up) is type(gate) and gate.gemv_applies(x)
             and (up.out_features, up.in_features) == (gate.out_features, gate.in_features)):
         return None
-    if isinstance(gate, FloatLinear):
-        if up.weight.dtype != gate.weight.dtype or not up.gemv_applies(x):
-            return None
-        from quant.kernels.gemv8 import gemv_float
-
-        y = gemv_float(x.reshape(-1), gate.weight, up=up.weight)
-    else:
-        y = gate.gated_gemv(up, x.reshape(-1))
+    y = gate.gated_gemv(up, x.reshape(-1))
     return None if y is None else y.view(*x.shape[:-1], gate.out_features)
 
 

@@ -62,13 +62,13 @@ def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
     """(substitutions + deletions + insertions, words in the reference) after `words` on both sides."""
     import jiwer
 
-    truth, heard = " ".join(words(reference)), " ".join(words(hypothesis))
+    truth, heard = words(reference), words(hypothesis)
     if not truth:
         raise InputError("the text to check the transcript against has no words")
-    if not heard:
-        return len(truth.split()), len(truth.split())
-    out = jiwer.process_words(truth, heard)
-    return out.substitutions + out.deletions + out.insertions, len(truth.split())
+    if not heard:  # every word missed
+        return len(truth), len(truth)
+    out = jiwer.process_words(" ".join(truth), " ".join(heard))
+    return out.substitutions + out.deletions + out.insertions, len(truth)
 
 
 class Transcriber:

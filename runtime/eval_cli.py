@@ -4,7 +4,8 @@ The teacher-forced part of the quality protocol's tier 3 (spec/quality-protocol.
 then every mode replays the same prompts and frames one token at a time, as generation runs them
 (runtime/replay.py), and its distributions are compared with bf16's per codebook: mean KL and how often both put
 the same code on top. With --audio each mode also speaks the takes' texts with their seeds and the decoded audio is
-heard (runtime/eval_audio.py): word errors and speaker similarity, paired with bf16's takes. The suggested gates
+heard (runtime/eval_audio.py): word errors, speaker similarity and a predicted opinion score, paired with bf16's
+takes. The suggested gates
 are for the released weights: random ones (a synthetic checkpoint) say nothing about quality and usually fail them.
 """
 
@@ -83,19 +84,15 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def speak(model: DualAR, prompts: list[tuple[str, torch.Tensor]], seeds: int, frames: int, label: str
-          ) -> list[tuple[torch.Tensor, Generation]]:
-    """Every prompt with seeds 0..seeds-1: [(prompt, generation)], text by text."""
-    jobs = [(prompt, seed) for _, prompt in prompts for seed in range(seeds)]
+def speak(model: DualAR, jobs: list[tuple[str, torch.Tensor, int]], frames: int, label: str) -> list[Generation]:
+    """A take of every (text, prompt, seed) job."""
     with click.progressbar(jobs, label=f"generating {label} takes", file=sys.stderr) as bar:
-        return [(prompt, generate(model, prompt, GenerationConfig(max_new_tokens=frames, sampling=SamplingParams(),
-                                                                  seed=seed))) for prompt, seed in bar]
+        return [generate(model, prompt, GenerationConfig(max_new_tokens=frames, sampling=SamplingParams(), seed=seed))
+                for _, prompt, seed in bar]
 
 
-def as_takes(prompts: list[tuple[str, torch.Tensor]], seeds: int, spoken: list[tuple[torch.Tensor, Generation]]
-             ) -> list[Take]:
-    texts = [text for text, _ in prompts for _ in range(seeds)]
-    return [Take(text, generation.codes, generation.stopped) for text, (_, generation) in zip(texts, spoken)]
+def as_takes(jobs: list[tuple[str, torch.Tensor, int]], spoken: list[Generation]) -> list[Take]:
+    return [Take(text, generation.codes, generation.stopped) for (text, _, _), generation in zip(jobs, spoken)]
 
 
 def replay_all(model, takes: list[tuple[torch.Tensor, torch.Tensor]], label: str) -> list[Replay]:
@@ -164,13 +161,14 @@ def evaluate(checkpoint: Path, modes: str | None, texts: tuple[str, ...], voices
     model, config = loaded.model, loaded.model.config
     library = VoiceLibrary(voices_dir)
     references = [library.load(name, config.num_codebooks, config.codebook_size).reference() for name in voices]
-    prompts = [(text, build_prompt(loaded.tokenizer, text, references, config.num_codebooks)) for text in texts]
-    spoken = speak(model, prompts, takes, frames, "bf16")
-    for i, (_, generation) in enumerate(spoken):
+    prompts = [build_prompt(loaded.tokenizer, text, references, config.num_codebooks) for text in texts]
+    jobs = [(text, prompt, seed) for text, prompt in zip(texts, prompts) for seed in range(takes)]
+    spoken = speak(model, jobs, frames, "bf16")
+    for i, generation in enumerate(spoken):
         if generation.codes.shape[1] == 0:
             raise S2EdgeError(f"bf16 take {i} stopped before its first frame: nothing to compare")
-    recorded = [(prompt, generation.codes) for prompt, generation in spoken]
-    heard_takes = {"bf16": as_takes(prompts, takes, spoken)}
+    recorded = [(prompt, generation.codes) for (_, prompt, _), generation in zip(jobs, spoken)]
+    heard_takes = {"bf16": as_takes(jobs, spoken)}
     reference = replay_all(model, recorded, "bf16")
     del model, loaded
     release(home)
@@ -180,7 +178,7 @@ def evaluate(checkpoint: Path, modes: str | None, texts: tuple[str, ...], voices
         model = load(checkpoint, target, mode.formats, cache_dir, name).model
         agreements = per_codebook(reference, replay_all(model, recorded, name))
         if audio:
-            heard_takes[name] = as_takes(prompts, takes, speak(model, prompts, takes, frames, name))
+            heard_takes[name] = as_takes(jobs, speak(model, jobs, frames, name))
         del model
         release(target)
         first, rest = agreements[0], agreements[1:]
