@@ -31,7 +31,7 @@ from runtime.files import atomic_path  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402
 
 # (substring of the kernel name, family): the first match wins
-FAMILIES = (("gemv_nf4", "our NF4 GEMV"), ("gemv8", "our 8-bit GEMV"), ("norm_rope", "our norm / RoPE / SwiGLU"),
+FAMILIES = (("gemv_nf4", "our NF4 GEMV"), ("gemv8", "our 8-bit / bf16 GEMV"), ("norm_rope", "our norm / RoPE / SwiGLU"),
             ("rms_norm", "our norm / RoPE / SwiGLU"), ("silu_mul", "our norm / RoPE / SwiGLU"),
             ("_sample_kernel", "our sampling"), ("decode_attention", "our decode attention"), ("sdpa", "attention"),
             ("cudnn", "attention"), ("flash", "attention"), ("nvjet", "cuBLAS GEMM"), ("gemm", "cuBLAS GEMM"),

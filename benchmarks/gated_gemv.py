@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gemv import graph_ms  # noqa: E402
-from quant.base import QuantizedLinear, error_stats, quantize_linear, silu_gated  # noqa: E402
+from quant.base import FloatLinear, QuantizedLinear, error_stats, quantize_linear, silu_gated  # noqa: E402
 from report import run_notes, write_measured  # noqa: E402
 
 OUT, IN, LAYERS = 9728, 2560, 36
@@ -37,18 +37,37 @@ def timed(call: Callable[[int], torch.Tensor], reference: list[torch.Tensor]) ->
     return graph_ms(call, LAYERS), error_stats(eager, torch.cat(reference)).rel_fro
 
 
+def layer_of(weight: torch.Tensor, fmt: str) -> QuantizedLinear | FloatLinear:
+    """The model's linear layer for `fmt` ("bf16": FloatLinear, decode's bf16 layer) holding `weight`."""
+    if fmt != "bf16":
+        return quantize_linear(weight, fmt)
+    layer = FloatLinear(IN, OUT, bias=False, device=weight.device, dtype=weight.dtype)
+    layer.weight.data.copy_(weight)
+    return layer
+
+
+def dense(layer: QuantizedLinear | FloatLinear) -> torch.Tensor:
+    """The weight the layer computes with, in fp32."""
+    return layer.weight.float() if isinstance(layer, FloatLinear) else layer.dequantize()
+
+
 def measure(fmt: str, device: torch.device) -> list[tuple[str, str]]:
     from quant.kernels.swiglu import silu_mul
 
     gen = torch.Generator(device=device).manual_seed(0)
-    pairs: list[list[QuantizedLinear]] = [
-        [quantize_linear(torch.randn(OUT, IN, generator=gen, device=device, dtype=torch.bfloat16) * 0.02, fmt)
-         for _ in range(2)] for _ in range(LAYERS)]
+    pairs = [[layer_of(torch.randn(OUT, IN, generator=gen, device=device, dtype=torch.bfloat16) * 0.02, fmt)
+              for _ in range(2)] for _ in range(LAYERS)]
     x = torch.randn(1, 1, IN, generator=gen, device=device).bfloat16()
-    reference = [F.silu(x.view(1, IN).float() @ g.dequantize().T) * (x.view(1, IN).float() @ u.dequantize().T)
+    reference = [F.silu(x.view(1, IN).float() @ dense(g).T) * (x.view(1, IN).float() @ dense(u).T)
                  for g, u in pairs]
     three_ms, three_rel = timed(lambda i: silu_mul(pairs[i][0](x), pairs[i][1](x)), reference)
     rows = [(f"{fmt}: two GEMVs + silu_mul (3 launches)", f"{three_ms:.3f} ms (rel {three_rel:.1e})")]
+    if fmt == "bf16":  # what the layers would cost as plain nn.Linear: cuBLAS
+        def cublas(i: int) -> torch.Tensor:
+            return silu_mul(F.linear(x, pairs[i][0].weight), F.linear(x, pairs[i][1].weight))
+
+        cublas_ms, cublas_rel = timed(cublas, reference)
+        rows.append(("bf16: two cuBLAS GEMMs + silu_mul (3 launches)", f"{cublas_ms:.3f} ms (rel {cublas_rel:.1e})"))
     if silu_gated(*pairs[0], x) is None:
         return rows + [(f"{fmt}: gated form", "not chosen (the three launches timed faster on the first call)")]
     gated_ms, gated_rel = timed(lambda i: silu_gated(pairs[i][0], pairs[i][1], x), reference)
@@ -58,7 +77,8 @@ def measure(fmt: str, device: torch.device) -> list[tuple[str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--formats", default="fp8,int8,nf4", help="comma-separated subset of fp8, int8, nf4")
+    parser.add_argument("--formats", default="bf16,fp8,int8,nf4",
+                        help="comma-separated subset of bf16, fp8, int8, nf4")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the page")
     args = parser.parse_args()
     if not torch.cuda.is_available():

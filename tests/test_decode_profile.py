@@ -21,7 +21,7 @@ def profile():
 
 @pytest.mark.parametrize("kernel, family", [
     ("_gemv_nf4_ptx_kernel", "our NF4 GEMV"),
-    ("_gemv8_kernel", "our 8-bit GEMV"),
+    ("_gemv8_kernel", "our 8-bit / bf16 GEMV"),
     ("_norm_rope_kernel", "our norm / RoPE / SwiGLU"),
     ("_rms_norm_kernel", "our norm / RoPE / SwiGLU"),
     ("_silu_mul_kernel", "our norm / RoPE / SwiGLU"),
