@@ -15,8 +15,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from runtime.errors import AudioError, InputError
-from runtime.files import atomic_path
+from runtime.errors import AudioError
+from runtime.files import atomic_path, check_output
 
 SAMPLE_RATE = 44100
 FRAME_RATE = SAMPLE_RATE / 2048  # S2 Pro codec frames per second of audio (21.5)
@@ -145,12 +145,16 @@ def load_reference(path: str | Path, full: bool = False) -> Reference:
     return Reference(samples=clip.samples, warnings=warnings)
 
 
+def check_audio_output(path: Path) -> None:
+    """Fail before any work if `path` cannot take the audio: a name other than .wav or .flac, or no place to write."""
+    check_output(path, tuple(WRITE_FORMATS))
+
+
 def write_audio_chunks(path: str | Path, chunks: Iterable[np.ndarray], sample_rate: int = SAMPLE_RATE) -> Path:
     """Write mono float chunks as one 16-bit .wav or .flac file; the file appears only once complete."""
     path = Path(path)
-    fmt = WRITE_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise InputError(f"cannot write {path.name}: use a .wav or .flac file name")
+    check_audio_output(path)
+    fmt = WRITE_FORMATS[path.suffix.lower()]
     with atomic_path(path) as tmp, sf.SoundFile(str(tmp), "w", sample_rate, 1, "PCM_16", format=fmt) as out:
         for chunk in chunks:
             out.write(np.clip(np.asarray(chunk, dtype=np.float32).reshape(-1), -1.0, 1.0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import sys
 import time
@@ -13,7 +14,7 @@ import torch
 
 from quant.kernels import compile_cache_empty, kernels_supported
 from runtime import __version__
-from runtime.audio import FRAME_RATE
+from runtime.audio import FRAME_RATE, check_audio_output
 from runtime.checkpoint import expected_shapes, open_checkpoint, validate
 from runtime.codec import CodecConfig, decode_to_file
 from runtime.codec_cli import CODEC_CONFIG_HELP, codec_config, decode, encode, load_codes, open_codec, save_codes
@@ -22,6 +23,7 @@ from runtime.devices import detect_device, parse_size, use_expandable_segments
 from runtime.engine import Generation, GenerationConfig, frame_budget, generate_batches
 from runtime.errors import InputError, ResourceError, S2EdgeError
 from runtime.eval_cli import evaluate
+from runtime.files import check_output
 from runtime.loader import DEFAULT_CACHE_DIR, PRECISIONS, WeightFormats, load_model, resolve_device, store_path
 from runtime.plan_cli import plan
 from runtime.planner import LINEAR_FORMATS, PlanRequest, choose_plan, fallbacks
@@ -34,8 +36,14 @@ from runtime.voice_cli import voice, voices_dir_option
 from runtime.voices import VoiceLibrary
 
 
+# errno values of file operations that fail for reasons a user fixes (the traceback would add nothing)
+_FILE_SYSTEM_ERRORS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT,
+                                 errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG))
+
+
 class _Main(click.Group):
-    """Turns S2EdgeError into `error: <message>` + exit code; `--debug` keeps the traceback."""
+    """Turns S2EdgeError (and a file system refusing a write or read) into `error: <message>` + exit code; `--debug`
+    keeps the traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -51,6 +59,11 @@ class _Main(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # the machine's, not ours: a full disk, a read-only or missing folder, permissions
+            if ctx.params.get("debug") or exc.errno not in _FILE_SYSTEM_ERRORS:
+                raise
+            click.echo(f"error: {exc.strerror}: {exc.filename}", err=True)
+            sys.exit(ResourceError.exit_code if exc.errno in (errno.ENOSPC, errno.EDQUOT) else InputError.exit_code)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -163,6 +176,9 @@ def synthesize(
 ) -> None:
     """Speak the text in the voice of the reference(s); write the codes and, with -o, the audio."""
     text = _read_text(text, text_file)
+    check_output(codes_out)  # both outputs are written after the generation: refuse a bad one before it
+    if output is not None:
+        check_audio_output(output)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
     config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, max_context=max_context,
                               cuda_graph=not no_cuda_graph)

@@ -9,12 +9,12 @@ import click
 import numpy as np
 import torch
 
-from runtime.audio import load_reference
+from runtime.audio import check_audio_output, load_reference
 from runtime.codec import (DECODE_CHUNK_FRAMES, Codec, CodecConfig, check_layout, decode_to_file, detect_config,
                            load_codec, validate_codes)
 from runtime.codec_checkpoint import read_checkpoint
 from runtime.errors import InputError
-from runtime.files import atomic_path
+from runtime.files import atomic_path, check_output
 from runtime.loader import resolve_device
 
 DEFAULT_CODEC = Path("checkpoints/s2-pro/codec.pth")
@@ -64,13 +64,28 @@ def save_codes(path: Path, codes: np.ndarray) -> None:
         np.save(f, codes.astype(np.int64))
 
 
+# The first bytes of the audio files a user may pass where codes are expected
+AUDIO_MAGIC = (b"RIFF", b"fLaC", b"OggS", b"ID3", b"FORM", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")
+
+
 def load_codes(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise InputError(f"{path}: codes file not found") from None
     except (OSError, ValueError) as e:
+        if _looks_like_audio(path):
+            raise InputError(f"{path} is audio, not codes: make its codes with "
+                             f"`s2edge encode {path} -o codes.npy`") from None
         raise InputError(f"{path}: not a readable .npy file ({e})") from None
+
+
+def _looks_like_audio(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4).startswith(AUDIO_MAGIC)
+    except OSError:
+        return False
 
 
 @click.command()
@@ -91,6 +106,7 @@ def encode(audio: Path, output: Path, full_reference: bool, codec_path: Path, co
 
     Example: s2edge encode voice.wav -o voice.npy
     """
+    check_output(output)
     reference = load_reference(audio, full=full_reference)
     for warning in reference.warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -120,6 +136,7 @@ def decode(codes: Path, output: Path, chunk_frames: int, codec_path: Path, confi
 
     Example: s2edge decode output.npy -o output.wav
     """
+    check_audio_output(output)
     array = load_codes(codes)
     config = codec_config(config_name, codec_path)
     validate_codes(array, config)  # fail before loading weights

@@ -24,7 +24,7 @@ from runtime.codec_cli import CODEC_CONFIG_HELP, codec_config, open_codec
 from runtime.engine import Generation, GenerationConfig, generate
 from runtime.errors import InputError, S2EdgeError
 from runtime.eval_audio import AudioGate, Take, audio_table, listen
-from runtime.files import atomic_path
+from runtime.files import atomic_path, check_output
 from runtime.loader import DEFAULT_CACHE_DIR, LoadedModel, WeightFormats, load_model, resolve_device, store_path
 from runtime.model import DualAR
 from runtime.prompt import build_prompt
@@ -146,6 +146,8 @@ def evaluate(checkpoint: Path, modes: str | None, texts: tuple[str, ...], voices
     texts = texts or (DEFAULT_TEXT,)
     if any(not text.strip() for text in texts):
         raise InputError("the text to speak is empty")
+    if report is not None:
+        check_output(report)
     takes = takes or (3 if audio else 2)
     frames = frames or (512 if audio else 128)
     target = resolve_device(device)

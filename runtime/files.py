@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from runtime.errors import InputError
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
@@ -29,6 +31,26 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def check_output(path: Path, suffixes: tuple[str, ...] = ()) -> None:
+    """Fail now, before any work, where writing `path` at the end would: a name without one of `suffixes` (any name
+    where empty), a folder in its place, or no folder above it in which a file can be created (probed with a
+    temporary file, deleted at once; nothing else is created)."""
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise InputError(f"cannot write {path.name}: use a {' or '.join(suffixes)} file name")
+    if path.is_dir():
+        raise InputError(f"cannot write {path}: it is a folder")
+    folder = path.absolute().parent
+    while not folder.exists():  # atomic_path creates the missing folders below the nearest existing one
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"cannot write {path}: {folder} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e} in {folder}") from None
 
 
 def _new_file_mode() -> int:

@@ -132,6 +132,46 @@ def test_synthesize_checks_the_codec_before_generating(tiny_checkpoint, tmp_path
     assert not (tmp_path / "a.npy").exists() and not (tmp_path / "b.npy").exists()
 
 
+@pytest.mark.parametrize("where, message", [
+    ("audio_suffix", "use a .wav or .flac file name"),
+    ("codes_folder", "it is a folder"),
+    ("below_a_file", "is not a folder"),
+])
+def test_synthesize_checks_its_outputs_before_loading(where, message, tiny_checkpoint, tmp_path, monkeypatch):
+    """Outputs written after the generation are checked first: a refused one costs no loading or generating."""
+    from runtime import cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    (tmp_path / "file").write_bytes(b"x")
+    codes, extra = tmp_path / "c.npy", []
+    if where == "audio_suffix":
+        extra = ["-o", tmp_path / "out.mp3"]
+    elif where == "codes_folder":
+        codes = tmp_path
+    else:
+        codes = tmp_path / "file" / "c.npy"
+    result = synth(tiny_checkpoint, codes, *extra)
+    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_decode_and_encode_check_the_output_first(tmp_path):
+    codes = bad_codes(tmp_path, "c.npy", np.zeros((10, 4), np.int64))
+    decoded = run("decode", codes, "-o", tmp_path / "out.ogg", "--codec", tmp_path / "absent.pth")
+    assert decoded.exit_code == 2 and "use a .wav or .flac file name" in decoded.stderr
+    (tmp_path / "file").write_bytes(b"x")
+    encoded = run("encode", tmp_path / "absent.wav", "-o", tmp_path / "file" / "r.npy")
+    assert encoded.exit_code == 2 and "is not a folder" in encoded.stderr
+
+
+def test_audio_given_as_codes_points_to_encode(tmp_path):
+    from runtime.audio import write_audio
+
+    wav = write_audio(tmp_path / "ref.wav", np.zeros(4410, np.float32))
+    result = run("decode", wav, "-o", tmp_path / "out.wav")
+    assert result.exit_code == 2 and "s2edge encode" in result.stderr, result.output
+
+
 def test_inspect_reports_counts(tiny_checkpoint, tiny_config):
     result = run("inspect", tiny_checkpoint)
     assert result.exit_code == 0, result.output

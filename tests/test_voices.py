@@ -153,3 +153,17 @@ def test_voice_errors_are_one_line(tmp_path, args, message):
 def test_synthesize_with_an_unknown_voice(tiny_checkpoint, tmp_path):
     result = synth(tiny_checkpoint, tmp_path / "o.npy", "--voice", "nobody", "--voices-dir", tmp_path)
     assert result.exit_code == 2 and "no voice 'nobody'" in result.output
+
+
+def test_a_library_folder_that_cannot_be_written_is_one_line(tmp_path):
+    """The file system's refusal (here: a file where a folder should be) is an error line, not a traceback."""
+    codes = tmp_path / "take.npy"
+    np.save(codes, np.zeros((10, 4), np.int64))
+    (tmp_path / "file").write_bytes(b"x")
+    result = CliRunner().invoke(main, ["voice", "freeze", "calm", str(codes), "--text", "hello",
+                                       "--voices-dir", str(tmp_path / "file" / "voices")])
+    assert result.exit_code == 2 and result.stderr.startswith("error: Not a directory"), result.output
+    assert "Traceback" not in result.output
+    debug = CliRunner().invoke(main, ["--debug", "voice", "freeze", "calm", str(codes), "--text", "hello",
+                                      "--voices-dir", str(tmp_path / "file" / "voices")])
+    assert isinstance(debug.exception, NotADirectoryError)
