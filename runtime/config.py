@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import CheckpointError
+from runtime.errors import CheckpointError, InputError
 
 
 @dataclass(frozen=True)
@@ -244,4 +244,6 @@ def bundled_config(name_or_path: str) -> ModelConfig:
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIGS_DIR / f"{name_or_path}.json"
+        if not path.exists():
+            raise InputError(f"unknown model config '{name_or_path}': use s2-pro, tiny or the path of a config.json")
     return load_config(path)

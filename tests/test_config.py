@@ -99,3 +99,12 @@ def test_semantic_range_must_match_codebook_size():
     raw["semantic_end_token_id"] = 155000
     with pytest.raises(CheckpointError, match="codebook_size"):
         parse_config(raw)
+
+
+def test_unknown_bundled_name_lists_the_known_ones():
+    from runtime.config import bundled_config
+    from runtime.errors import InputError
+
+    assert bundled_config("tiny").num_codebooks == 10
+    with pytest.raises(InputError, match="unknown model config 'huge': use s2-pro, tiny"):
+        bundled_config("huge")
