@@ -207,6 +207,8 @@ def synthesize(
                 loaded = load_model(checkpoint, target, PRECISIONS.get(chosen.slow_format, torch.bfloat16),
                                     on_tensor=lambda _k, n: bar.update(n), formats=formats, store=store,
                                     embeddings_on_host=chosen.embeddings_on_host)
+            for warning in loaded.warnings:
+                click.echo(f"warning: {warning}", err=True)
             break
         except ResourceError as exc:
             if target.type != "cuda":

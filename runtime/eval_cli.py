@@ -74,8 +74,11 @@ def parse_modes(text: str | None, device: torch.device) -> list[str]:
 def load(checkpoint: Path, device: torch.device, formats: WeightFormats, cache_dir: Path, label: str) -> LoadedModel:
     total = open_checkpoint(checkpoint).total_bytes()
     with click.progressbar(length=total, label=f"loading {label}", file=sys.stderr) as bar:
-        return load_model(checkpoint, device, torch.bfloat16, on_tensor=lambda _k, n: bar.update(n), formats=formats,
-                          store=store_path(cache_dir, checkpoint, formats))
+        loaded = load_model(checkpoint, device, torch.bfloat16, on_tensor=lambda _k, n: bar.update(n),
+                            formats=formats, store=store_path(cache_dir, checkpoint, formats))
+    for warning in loaded.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    return loaded
 
 
 def release(device: torch.device) -> None:

@@ -68,6 +68,7 @@ class LoadedModel:
     model: DualAR
     tokenizer: Tokenizer
     checkpoint: Checkpoint
+    warnings: tuple[str, ...] = ()  # what went wrong without stopping the load (the store could not be saved)
 
     @property
     def config(self) -> ModelConfig:
@@ -184,7 +185,12 @@ def load_model(
             f"out of GPU memory loading the model ({formats.slow}, fast AR {formats.fast}) on {device}: "
             "try a smaller --precision or --max-context"
         ) from None
+    warnings = []
     if hashes and not stored:
-        save_store(store, quantized_modules(model), hashes, {"slow": formats.slow, "fast": formats.fast})
+        try:
+            save_store(store, quantized_modules(model), hashes, {"slow": formats.slow, "fast": formats.fast})
+        except OSError as exc:  # a full disk or an unwritable cache folder costs the next run a quantization only
+            warnings.append(f"could not save the quantized weights to {store} ({exc.strerror or exc}): the next run "
+                            "quantizes them again (--cache-dir picks another folder)")
     model.eval()
-    return LoadedModel(model, tokenizer, checkpoint)
+    return LoadedModel(model, tokenizer, checkpoint, tuple(warnings))

@@ -65,6 +65,18 @@ def test_store_round_trip_and_rebuild(tiny_checkpoint, tmp_path):
         os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
+def test_a_store_that_cannot_be_saved_is_a_warning(tiny_checkpoint, tmp_path):
+    """A full disk or an unwritable cache folder must not cost the loaded model: it loads, with a warning."""
+    (tmp_path / "file").write_bytes(b"x")
+    store = tmp_path / "file" / "q.safetensors"  # its folder is a file: saving fails with NotADirectoryError
+    loaded = load_model(tiny_checkpoint, CPU, torch.float32, formats=WeightFormats("int8", "int8"), store=store)
+    assert len(loaded.warnings) == 1 and "could not save the quantized weights" in loaded.warnings[0]
+    assert linears(loaded.model) and torch.isfinite(logits(loaded)).all()
+    saved = load_model(tiny_checkpoint, CPU, torch.float32, formats=WeightFormats("int8", "int8"),
+                       store=tmp_path / "q.safetensors")
+    assert saved.warnings == () and (tmp_path / "q.safetensors").exists()
+
+
 def test_community_fp8_layout_loads_as_is(tmp_path, tiny_config):
     folder = write_fp8_checkpoint(tmp_path / "fp8", tiny_config, seed=3)
     ckpt = open_checkpoint(folder)
