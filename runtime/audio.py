@@ -7,9 +7,10 @@ work. Files are read only up to the length that will be used, so a long recordin
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable
 
 import numpy as np
 import soundfile as sf
@@ -164,3 +165,25 @@ def write_audio_chunks(path: str | Path, chunks: Iterable[np.ndarray], sample_ra
 def write_audio(path: str | Path, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
     """Write mono float samples [N] as a 16-bit .wav or .flac file, atomically."""
     return write_audio_chunks(path, [samples], sample_rate)
+
+
+class WavPipe:
+    """16-bit mono WAV written to a stream (a pipe to a player) as the audio is made. A pipe cannot seek back to
+    fill in the sizes, so the header gives both as 0xFFFFFFFF ("until the end"), which stream readers accept
+    (ffplay, aplay, sox). Samples become 16-bit as libsndfile 1.2 writes PCM_16 (floor of x * 32768, clipped), so
+    the stream holds the samples a .wav of the same audio would."""
+
+    UNKNOWN = 0xFFFFFFFF
+
+    def __init__(self, out: BinaryIO, sample_rate: int = SAMPLE_RATE) -> None:
+        self.out = out
+        fmt = struct.pack("<HHIIHH", 1, 1, sample_rate, 2 * sample_rate, 2, 16)  # PCM, mono, 2 bytes per sample
+        out.write(b"RIFF" + struct.pack("<I", self.UNKNOWN) + b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+                  + b"data" + struct.pack("<I", self.UNKNOWN))
+        out.flush()
+
+    def write(self, samples: np.ndarray) -> None:
+        """Mono float samples [N] in [-1, 1] (clipped)."""
+        pcm = np.floor(np.asarray(samples, dtype=np.float32).reshape(-1) * np.float32(32768.0))
+        self.out.write(np.clip(pcm, -32768, 32767).astype("<i2").tobytes())
+        self.out.flush()

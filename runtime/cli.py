@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import errno
+import io
 import math
+import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -14,9 +17,9 @@ import torch
 
 from quant.kernels import compile_cache_empty, kernels_supported
 from runtime import __version__
-from runtime.audio import FRAME_RATE, check_audio_output
+from runtime.audio import FRAME_RATE, WavPipe, check_audio_output
 from runtime.checkpoint import expected_shapes, open_checkpoint, validate
-from runtime.codec import CodecConfig, decode_to_file
+from runtime.codec import Codec, CodecConfig, DecodeStream, decode_to_file
 from runtime.codec_cli import CODEC_CONFIG_HELP, codec_config, decode, encode, load_codes, open_codec, save_codes
 from runtime.config import bundled_config
 from runtime.devices import detect_device, parse_size, use_expandable_segments
@@ -38,7 +41,15 @@ from runtime.voices import VoiceLibrary
 
 # errno values of file operations that fail for reasons a user fixes (the traceback would add nothing)
 _FILE_SYSTEM_ERRORS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT,
-                                 errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG))
+                                 errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EPIPE))
+
+
+def _discard_stdout() -> None:
+    """Point standard output at /dev/null, so that Python's flush at exit does not fail on the closed pipe again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):  # not a real file (a test's capture): nothing to flush
+        pass
 
 
 class _Main(click.Group):
@@ -62,7 +73,10 @@ class _Main(click.Group):
         except OSError as exc:  # the machine's, not ours: a full disk, a read-only or missing folder, permissions
             if ctx.params.get("debug") or exc.errno not in _FILE_SYSTEM_ERRORS:
                 raise
-            click.echo(f"error: {exc.strerror}: {exc.filename}", err=True)
+            click.echo(f"error: {exc.strerror}" + (f": {exc.filename}" if exc.filename else ""), err=True)
+            if exc.errno == errno.EPIPE:  # the player reading `-o -` went away
+                _discard_stdout()
+                sys.exit(S2EdgeError.exit_code)
             sys.exit(ResourceError.exit_code if exc.errno in (errno.ENOSPC, errno.EDQUOT) else InputError.exit_code)
 
 
@@ -130,7 +144,8 @@ def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], num_codebo
               help="Long text is spoken in batches of at most this many UTF-8 bytes, cut at speaker tags and "
                    "sentence ends; each batch hears the ones before it, so the voice carries over.")
 @click.option("--output", "-o", type=click.Path(path_type=Path),
-              help="Also decode the codes to audio here (.wav or .flac, 44.1 kHz) with --codec.")
+              help="Also decode the codes to audio here (.wav or .flac, 44.1 kHz) with --codec; `-` streams WAV to "
+                   "standard output while generating (`-o - | ffplay -nodisp -autoexit -`).")
 @click.option("--codec", "codec_path", type=click.Path(path_type=Path),
               help="codec.pth for --output [default: codec.pth in the checkpoint folder].")
 @click.option("--codec-config", "config_name", default="auto", show_default=True, help=CODEC_CONFIG_HELP)
@@ -177,7 +192,11 @@ def synthesize(
     """Speak the text in the voice of the reference(s); write the codes and, with -o, the audio."""
     text = _read_text(text, text_file)
     check_output(codes_out)  # both outputs are written after the generation: refuse a bad one before it
-    if output is not None:
+    streaming = output == STDOUT
+    if streaming and sys.stdout.buffer.isatty():
+        raise InputError("-o - writes WAV audio to standard output: pipe it to a player, e.g. "
+                         "`| ffplay -nodisp -autoexit -` or `| aplay`")
+    if output is not None and not streaming:
         check_audio_output(output)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
     config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, max_context=max_context,
@@ -227,12 +246,15 @@ def synthesize(
     if target.type == "cuda" and kernels_supported(target) and compile_cache_empty():
         click.echo("note: Triton's kernel cache is empty: the first frame compiles the GPU kernels (once per machine; "
                    "15-22 s on an H100 or H200 host, longer on slower CPUs)", err=True)
+    on_codes = None
+    if streaming:  # the codec loads before the generation, so that audio comes out while it runs
+        on_codes = stream_audio(open_codec(codec_file, codec_arch, device, "auto", with_encoder=False))
     start = time.perf_counter()
     finished: list[Generation] = []
     try:
         with click.progressbar(length=frames * len(batches), label="generating", file=sys.stderr) as bar:
             long = generate_batches(model, loaded.tokenizer, batches, references, config,
-                                    on_frame=lambda _i: bar.update(1), on_batch=finished.append)
+                                    on_frame=lambda _i: bar.update(1), on_batch=finished.append, on_codes=on_codes)
     except BaseException:  # Ctrl-C, out of memory, anything: keep the batches of a long text already spoken
         if finished:
             partial = torch.cat([g.codes for g in finished], dim=1)
@@ -249,14 +271,26 @@ def synthesize(
     ending = "stopped at <|im_end|>" if not budget_hit else f"frame budget reached in {budget_hit} of {len(batches)}"
     if len(batches) > 1:
         ending += f"; {len(batches)} text batches"
-    if output is not None:
+    if output is not None and not streaming:
         codec = open_codec(codec_file, codec_arch, device, "auto", with_encoder=False)
         decode_to_file(codes, codec, output)
         click.echo(f"wrote {output}")
     click.echo(
         f"wrote {codes_out}: codes [{codes.shape[0]}, {n}] = {n / FRAME_RATE:.2f} s of audio; "
-        f"{ending}; prompt {result.prompt_tokens} tokens; {n / max(elapsed, 1e-9):.1f} frames/s on {target}"
+        f"{ending}; prompt {result.prompt_tokens} tokens; {n / max(elapsed, 1e-9):.1f} frames/s on {target}",
+        err=streaming,  # standard output carries the audio
     )
+
+
+STDOUT = Path("-")  # -o -: stream the audio to standard output
+
+
+def stream_audio(codec: Codec) -> Callable[[torch.Tensor], None]:
+    """A generation's `on_codes` that decodes the new frames (the codec is causal: the pieces are the whole's audio)
+    and writes them to standard output as one WAV stream, while the rest is generated."""
+    decoder = DecodeStream(codec)
+    pipe = WavPipe(sys.stdout.buffer, codec.config.sample_rate)
+    return lambda codes: pipe.write(decoder.push(codes).cpu().numpy())
 
 
 @main.command()

@@ -111,14 +111,17 @@ class FrameLoop:
         self.hidden.copy_(self.model.forward_slow(frame.view(1, -1, 1), position)[:, -1])
         self.count += 1
 
-    def run(self, on_frame: Callable[[int], None] | None, capture: bool) -> tuple[torch.Tensor, bool]:
+    def run(self, on_frame: Callable[[int], None] | None, capture: bool,
+            on_codes: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, bool]:
         """Decode until <|im_end|> or the budget -> (frames [1 + num_codebooks, n] without the <|im_end|> frame,
         stopped). `capture`: every frame a replay of one captured graph, this loop's from an earlier request if it
         has one (for_request). The first request of a configuration (capacity, dtype, device, sampling) on a model
         runs its first frame eagerly, which compiles the kernels and makes their first-call choices (neither may
         happen inside a capture), and captures after it; a later one without a graph captures before its first
         frame, which saves an eager frame (0-35 ms of the time to the first frame on an H100:
-        benchmarks/results/decode-*.md). Otherwise every frame eagerly through the same step."""
+        benchmarks/results/decode-*.md). Otherwise every frame eagerly through the same step. `on_codes` gets the
+        codes of the frames each host check finds ([num_codebooks, k], a view of the loop's buffer, valid during
+        the call): the first frame at once, then every `check_every`."""
         key = configuration(self.model, self.hidden, self.params)
         if capture and self.graph is None and self.budget > 1 and key in _stepped.get(self.model, ()):
             self.graph = self.capture()
@@ -140,6 +143,8 @@ class FrameLoop:
             if on_frame is not None:
                 for i in range(first, min(end + 1, done)):
                     on_frame(i)
+            if on_codes is not None and end > first:
+                on_codes(self.frames[1:, first:end])
             if stops.numel():
                 return self.frames[:, :end].clone(), True
         return self.frames[:, :done].clone(), False  # a copy: the next request of this loop writes its buffer

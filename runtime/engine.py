@@ -70,8 +70,11 @@ def generate(
     prompt: torch.Tensor,
     config: GenerationConfig,
     on_frame: Callable[[int], None] | None = None,
+    on_codes: Callable[[torch.Tensor], None] | None = None,
 ) -> Generation:
-    """prompt [1 + num_codebooks, L] -> codes [num_codebooks, n]. `on_frame(i)` is called after every frame."""
+    """prompt [1 + num_codebooks, L] -> codes [num_codebooks, n]. `on_frame(i)` is called after every frame;
+    `on_codes` with the codes [num_codebooks, k] of new frames as soon as the host has them (every frame eagerly,
+    every FrameLoop.check_every frames in graph replay), in order: to decode audio while the rest is made."""
     device = model.legal_ids.device  # the compute device (the text embedding table may stay in host RAM)
     dtype = model.norm.weight.dtype
     prompt_len = prompt.shape[1]
@@ -87,14 +90,16 @@ def generate(
     hidden = model.forward_slow(prompt[None].to(device), 0)[:, -1]  # [1, D]
     if graph_decoding(model, config):
         loop = FrameLoop.for_request(model, hidden, prompt_len, budget, config.sampling, generator)
-        columns, stopped = loop.run(on_frame, capture=device.type == "cuda")
+        columns, stopped = loop.run(on_frame, capture=device.type == "cuda", on_codes=on_codes)
     else:
-        columns, stopped = eager_frames(model, hidden, prompt_len, budget, config.sampling, generator, on_frame)
+        columns, stopped = eager_frames(model, hidden, prompt_len, budget, config.sampling, generator, on_frame,
+                                        on_codes)
     return Generation(codes=columns[1:].cpu(), stopped=stopped, prompt_tokens=prompt_len)
 
 
 def eager_frames(model: DualAR, hidden: torch.Tensor, prompt_len: int, budget: int, params: SamplingParams,
-                 generator: torch.Generator, on_frame: Callable[[int], None] | None) -> tuple[torch.Tensor, bool]:
+                 generator: torch.Generator, on_frame: Callable[[int], None] | None,
+                 on_codes: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, bool]:
     """The reference frame loop: positions as Python ints, K/V read up to the position, a host check per frame.
     -> (frames [1 + num_codebooks, n] without the <|im_end|> frame, stopped)."""
     window = torch.zeros(RAS_WINDOW, dtype=torch.int64, device=hidden.device)
@@ -106,6 +111,8 @@ def eager_frames(model: DualAR, hidden: torch.Tensor, prompt_len: int, budget: i
         if int(frame[0]) == model.config.im_end_id:
             return _columns(model, frames), True
         frames.append(frame)
+        if on_codes is not None:
+            on_codes(frame[1:, None])
         window[i % RAS_WINDOW] = frame[0]
         if i + 1 < budget:
             hidden = model.forward_slow(frame.view(1, -1, 1), prompt_len + i)[:, -1]
@@ -133,9 +140,11 @@ def generate_batches(
     config: GenerationConfig,
     on_frame: Callable[[int], None] | None = None,
     on_batch: Callable[[Generation], None] | None = None,
+    on_codes: Callable[[torch.Tensor], None] | None = None,
 ) -> LongGeneration:
     """Several texts (see prompt.text_batches) spoken one after the other in one voice; `on_batch` gets each
-    batch's result as it finishes (a caller can keep what is done if a later batch fails or is interrupted).
+    batch's result as it finishes (a caller can keep what is done if a later batch fails or is interrupted), and
+    `on_codes` every batch's new frames in order, as `generate` gives them.
 
     As the reference, each request replays the earlier batches as user/assistant turns (their text and generated
     codes) after the references, so voice and prosody carry over. Beyond it, the oldest turns are dropped while
@@ -151,7 +160,7 @@ def generate_batches(
             history = history[1:]
             prompt = build_prompt(tokenizer, text, references, model.config.num_codebooks, history)
         kept.append(len(history))
-        result = generate(model, prompt, config, on_frame)
+        result = generate(model, prompt, config, on_frame, on_codes)
         results.append(result)
         history.append((text, result.codes))
         if on_batch is not None:

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from runtime.cli import main
@@ -113,6 +114,81 @@ def test_synthesize_writes_audio_with_the_codec(tiny_checkpoint, tmp_path):
     audio, rate = soundfile.read(tmp_path / "out.wav")
     frames = np.load(tmp_path / "c.npy").shape[1]
     assert rate == 44100 and audio.shape == (frames * 2048,) and np.abs(audio).max() > 0
+
+
+def test_synthesize_streams_wav_to_stdout_while_generating(tiny_checkpoint, tmp_path, monkeypatch):
+    """-o -: a WAV stream on standard output, written frame by frame as the codes come (eagerly on the CPU), whose
+    samples are those of the codes decoded afterwards (to 1 LSB: the codec's chunking moves float rounding); the
+    messages go to standard error."""
+    import soundfile
+
+    from runtime import audio
+    from runtime.codec import CodecConfig
+    from runtime.synthetic_codec import write_synthetic_codec
+
+    writes = []
+    real_write = audio.WavPipe.write
+    monkeypatch.setattr(audio.WavPipe, "write", lambda pipe, samples: (writes.append(len(samples)),
+                                                                        real_write(pipe, samples)))
+    codec = write_synthetic_codec(tmp_path / "codec.pth", CodecConfig.load("tiny"))
+    streamed = synth(tiny_checkpoint, tmp_path / "c.npy", "-o", "-", "--codec", codec)
+    assert streamed.exit_code == 0, streamed.output
+    data = streamed.stdout_bytes
+    assert data[:4] == b"RIFF" and data[8:16] == b"WAVEfmt " and data[36:40] == b"data"
+    frames = np.load(tmp_path / "c.npy").shape[1]
+    assert writes == [2048] * frames  # one piece per frame, as each was generated
+    samples = np.frombuffer(data[44:], "<i2")
+    decoded = run("decode", tmp_path / "c.npy", "-o", tmp_path / "d.wav", "--codec", codec)
+    assert decoded.exit_code == 0, decoded.output
+    reference, _ = soundfile.read(tmp_path / "d.wav", dtype="int16")
+    assert samples.shape == reference.shape == (frames * 2048,) and np.abs(reference).max() > 100
+    assert np.abs(samples.astype(np.int32) - reference).max() <= 1
+    assert "wrote" in streamed.stderr and b"wrote" not in data
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_streaming_from_the_graph_loop_on_a_gpu(tiny_checkpoint, tmp_path, monkeypatch):
+    """On a GPU the codes come from the CUDA-graph loop at its host checks (the first frame, then every 16) and the
+    codec decodes each piece on the GPU between replays: the stream is still the codes' audio."""
+    import soundfile
+
+    from runtime import audio
+    from runtime.codec import CodecConfig
+    from runtime.synthetic_codec import write_synthetic_codec
+
+    writes = []
+    real_write = audio.WavPipe.write
+    monkeypatch.setattr(audio.WavPipe, "write", lambda pipe, samples: (writes.append(len(samples)),
+                                                                        real_write(pipe, samples)))
+    codec = write_synthetic_codec(tmp_path / "codec.pth", CodecConfig.load("tiny"))
+    args = ["-c", tiny_checkpoint, "-t", "hello there", "--seed", "0", "--device", "cuda", "--precision", "bf16",
+            "--max-new-tokens", "40", "--codec", codec]
+    streamed = run("synthesize", *args, "--codes-out", tmp_path / "c.npy", "-o", "-")
+    assert streamed.exit_code == 0, streamed.output
+    frames = np.load(tmp_path / "c.npy").shape[1]
+    assert writes[0] == 2048 and set(writes[1:-1]) <= {16 * 2048} and sum(writes) == frames * 2048
+    decoded = run("decode", tmp_path / "c.npy", "-o", tmp_path / "d.wav", "--codec", codec, "--device", "cuda")
+    assert decoded.exit_code == 0, decoded.output
+    reference, _ = soundfile.read(tmp_path / "d.wav", dtype="int16")
+    samples = np.frombuffer(streamed.stdout_bytes[44:], "<i2")
+    assert samples.shape == reference.shape and np.abs(samples.astype(np.int32) - reference).max() <= 1
+
+
+def test_a_player_closing_the_stream_is_one_line(tiny_checkpoint, tmp_path, monkeypatch):
+    import errno
+
+    from runtime import audio
+    from runtime.codec import CodecConfig
+    from runtime.synthetic_codec import write_synthetic_codec
+
+    def closed(pipe, samples):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(audio.WavPipe, "write", closed)
+    codec = write_synthetic_codec(tmp_path / "codec.pth", CodecConfig.load("tiny"))
+    result = synth(tiny_checkpoint, tmp_path / "c.npy", "-o", "-", "--codec", codec)
+    assert result.exit_code == 1 and result.stderr.splitlines()[-1] == "error: Broken pipe", result.output
 
 
 def test_synthesize_checks_the_codec_before_generating(tiny_checkpoint, tmp_path, monkeypatch):

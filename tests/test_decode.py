@@ -81,7 +81,7 @@ def test_frame_loop_decodes_what_the_eager_loop_decodes(model64, monkeypatch, sa
 @pytest.mark.parametrize("budget, stop_at", [(30, 5), (7, None), (30, 0)])
 def test_frame_loop_stops_at_im_end_and_reports_each_frame(model64, monkeypatch, budget, stop_at):
     """<|im_end|> at frame `stop_at` (checked every 4 frames: frames decoded after it are dropped) or the budget;
-    progress reported for the same frames as the eager loop."""
+    progress reported for the same frames as the eager loop, and the codes handed over as the host learns them."""
     model = model64
     real_head = model.head_logits
     calls = {"n": 0}
@@ -100,14 +100,22 @@ def test_frame_loop_stops_at_im_end_and_reports_each_frame(model64, monkeypatch,
         if name == "frame loop":
             frame_loop(monkeypatch)
             monkeypatch.setattr(engine.FrameLoop, "check_every", 4)
-        calls["n"], seen = 0, []
-        runs[name] = generate(model, prompt, cfg, on_frame=seen.append), seen
-    (eager, eager_seen), (loop, loop_seen) = runs["eager"], runs["frame loop"]
+        calls["n"], seen, pieces = 0, [], []
+        result = generate(model, prompt, cfg, on_frame=seen.append, on_codes=lambda c: pieces.append(c.clone()))
+        runs[name] = result, seen, pieces
+    (eager, eager_seen, eager_pieces), (loop, loop_seen, loop_pieces) = runs["eager"], runs["frame loop"]
     expected = budget if stop_at is None else stop_at
     assert loop.codes.shape == eager.codes.shape == (10, expected)
     assert loop.stopped == eager.stopped == (stop_at is not None)
     assert loop_seen == eager_seen == list(range(expected + (stop_at is not None)))
     assert torch.equal(loop.codes, eager.codes)
+    # the codes as they come: every frame eagerly, the first frame then every check_every (4) frames in the loop
+    assert [p.shape[1] for p in eager_pieces] == [1] * expected
+    bounds = [0, 1, *range(5, budget, 4), budget]  # the loop's chunks of frames between host checks
+    assert [p.shape[1] for p in loop_pieces] == [min(b, expected) - a for a, b in zip(bounds, bounds[1:])
+                                                 if a < expected]
+    for pieces in (eager_pieces, loop_pieces):
+        assert torch.equal(torch.cat(pieces, dim=1) if pieces else eager.codes, eager.codes)
 
 
 @pytest.mark.cuda
