@@ -9,7 +9,6 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -19,7 +18,7 @@ from quant.kernels import compile_cache_empty, kernels_supported
 from runtime import __version__
 from runtime.audio import FRAME_RATE, WavPipe, check_audio_output
 from runtime.checkpoint import expected_shapes, open_checkpoint, validate
-from runtime.codec import Codec, CodecConfig, DecodeStream, decode_to_file
+from runtime.codec import CodecConfig, decode_to_file
 from runtime.codec_cli import CODEC_CONFIG_HELP, codec_config, decode, encode, load_codes, open_codec, save_codes
 from runtime.config import bundled_config
 from runtime.devices import detect_device, parse_size, use_expandable_segments
@@ -33,6 +32,7 @@ from runtime.planner import LINEAR_FORMATS, PlanRequest, choose_plan, fallbacks
 from runtime.planner import PRECISIONS as PLAN_PRECISIONS
 from runtime.prompt import Reference, build_prompt, check_codes, text_batches
 from runtime.sampling import SamplingParams
+from runtime.stream_out import BackgroundDecoder
 from runtime.synthetic import write_checkpoint
 from runtime.synthetic_codec import write_synthetic_codec
 from runtime.voice_cli import voice, voices_dir_option
@@ -42,6 +42,9 @@ from runtime.voices import VoiceLibrary
 # errno values of file operations that fail for reasons a user fixes (the traceback would add nothing)
 _FILE_SYSTEM_ERRORS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT,
                                  errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EPIPE))
+
+
+STDOUT = Path("-")  # -o -: stream the audio to standard output, as WAV
 
 
 def _discard_stdout() -> None:
@@ -246,15 +249,19 @@ def synthesize(
     if target.type == "cuda" and kernels_supported(target) and compile_cache_empty():
         click.echo("note: Triton's kernel cache is empty: the first frame compiles the GPU kernels (once per machine; "
                    "15-22 s on an H100 or H200 host, longer on slower CPUs)", err=True)
-    on_codes = None
+    streamer = None
     if streaming:  # the codec loads before the generation, so that audio comes out while it runs
-        on_codes = stream_audio(open_codec(codec_file, codec_arch, device, "auto", with_encoder=False))
+        codec = open_codec(codec_file, codec_arch, device, "auto", with_encoder=False)
+        streamer = BackgroundDecoder(codec, WavPipe(sys.stdout.buffer, codec.config.sample_rate).write)
     start = time.perf_counter()
     finished: list[Generation] = []
     try:
         with click.progressbar(length=frames * len(batches), label="generating", file=sys.stderr) as bar:
             long = generate_batches(model, loaded.tokenizer, batches, references, config,
-                                    on_frame=lambda _i: bar.update(1), on_batch=finished.append, on_codes=on_codes)
+                                    on_frame=lambda _i: bar.update(1), on_batch=finished.append,
+                                    on_codes=None if streamer is None else streamer.push)
+        if streamer is not None:
+            streamer.close()  # the last pieces' audio
     except BaseException:  # Ctrl-C, out of memory, anything: keep the batches of a long text already spoken
         if finished:
             partial = torch.cat([g.codes for g in finished], dim=1)
@@ -281,16 +288,6 @@ def synthesize(
         err=streaming,  # standard output carries the audio
     )
 
-
-STDOUT = Path("-")  # -o -: stream the audio to standard output
-
-
-def stream_audio(codec: Codec) -> Callable[[torch.Tensor], None]:
-    """A generation's `on_codes` that decodes the new frames (the codec is causal: the pieces are the whole's audio)
-    and writes them to standard output as one WAV stream, while the rest is generated."""
-    decoder = DecodeStream(codec)
-    pipe = WavPipe(sys.stdout.buffer, codec.config.sample_rate)
-    return lambda codes: pipe.write(decoder.push(codes).cpu().numpy())
 
 
 @main.command()

@@ -6,8 +6,10 @@ value that changes from frame to frame is a device tensor that the step itself u
 frame counter, the RAS window, the hidden state); the slow step writes its K/V with `index_copy_` and attends over
 the whole cache through a mask (model.DevicePosition) and takes the frame's text row from the head's copy of the
 legal rows, never from a table in host RAM (model.embed); sampling never syncs with the host (sampling.py); and the
-random draws come from a generator registered with the graph. The host reads the frames every `check_every`
-frames to find <|im_end|>; frames decoded after it are dropped.
+random draws come from a generator registered with the graph. The host reads the frames after frames 1, 2, 4, 8,
+16 and then every `check_every` frames to find <|im_end|>; frames decoded after it are dropped. The checks come
+often at first so that audio streamed while generating (runtime/stream_out.py) starts with pieces that arrive
+before the ones before them have played.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ class FrameLoop:
         frame, which saves an eager frame (0-35 ms of the time to the first frame on an H100:
         benchmarks/results/decode-*.md). Otherwise every frame eagerly through the same step. `on_codes` gets the
         codes of the frames each host check finds ([num_codebooks, k], a view of the loop's buffer, valid during
-        the call): the first frame at once, then every `check_every`."""
+        the call): after frames 1, 2, 4, ... up to `check_every`, then every `check_every`."""
         key = configuration(self.model, self.hidden, self.params)
         if capture and self.graph is None and self.budget > 1 and key in _stepped.get(self.model, ()):
             self.graph = self.capture()
@@ -129,7 +131,7 @@ class FrameLoop:
         done = 0
         im_end = self.model.config.im_end_id
         while done < self.budget:
-            chunk = 1 if done == 0 else min(self.check_every, self.budget - done)
+            chunk = min(max(done, 1), self.check_every, self.budget - done)  # 1, 1, 2, 4, ... check_every
             for _ in range(chunk):
                 replay()
             if done == 0:

@@ -74,7 +74,8 @@ def generate(
 ) -> Generation:
     """prompt [1 + num_codebooks, L] -> codes [num_codebooks, n]. `on_frame(i)` is called after every frame;
     `on_codes` with the codes [num_codebooks, k] of new frames as soon as the host has them (every frame eagerly,
-    every FrameLoop.check_every frames in graph replay), in order: to decode audio while the rest is made."""
+    at each host check in graph replay: after frames 1, 2, 4, 8, 16, then every 16), in order: to decode audio while
+    the rest is made."""
     device = model.legal_ids.device  # the compute device (the text embedding table may stay in host RAM)
     dtype = model.norm.weight.dtype
     prompt_len = prompt.shape[1]

@@ -1,0 +1,65 @@
+"""The background decoder behind `synthesize -o -`: the audio of the pieces, in order, and errors handed back."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.codec import CodecConfig, load_codec
+from runtime.stream_out import BackgroundDecoder
+from runtime.synthetic_codec import random_codes, write_synthetic_codec
+
+TINY = CodecConfig.load("tiny")
+
+
+@pytest.fixture(scope="module")
+def codec(tmp_path_factory):
+    path = write_synthetic_codec(tmp_path_factory.mktemp("codec") / "codec.pth", TINY, seed=3)
+    return load_codec(path, TINY)
+
+
+def test_pieces_come_out_in_order_as_the_whole_audio(codec):
+    codes = random_codes(40, TINY, seed=2)
+    whole = codec.decode(codes, chunk_frames=None).numpy()
+    got, threads = [], []
+    decoder = BackgroundDecoder(codec, lambda audio: (got.append(audio), threads.append(threading.get_ident())))
+    for start, stop in ((0, 1), (1, 17), (17, 33), (33, 40)):
+        decoder.push(torch.as_tensor(codes)[:, start:stop])
+    decoder.close()
+    assert [a.shape[0] for a in got] == [2048, 16 * 2048, 16 * 2048, 7 * 2048]
+    assert np.abs(np.concatenate(got) - whole).max() <= 1e-5 and whole.std() > 0.01
+    caller = threading.get_ident()  # the first piece at once, by the caller; the others beside it
+    assert threads[0] == caller and caller not in threads[1:]
+
+
+def test_the_pushed_codes_are_copied(codec):
+    """The generation reuses its frame buffer after the call: what was pushed must not change with it."""
+    codes = torch.as_tensor(random_codes(8, TINY, seed=4))
+    expected = codec.decode(codes, chunk_frames=None).numpy()
+    got = []
+    decoder = BackgroundDecoder(codec, got.append)
+    buffer = codes.clone()
+    decoder.push(buffer)
+    buffer.zero_()
+    decoder.close()
+    assert np.abs(np.concatenate(got) - expected).max() <= 1e-5
+
+
+def test_an_error_of_the_sink_reaches_the_caller(codec):
+    calls = []
+
+    def sink(audio):
+        calls.append(len(audio))
+        if len(calls) > 1:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    decoder = BackgroundDecoder(codec, sink)
+    decoder.push(torch.as_tensor(random_codes(2, TINY, seed=5)))  # the first piece: written by the caller
+    with pytest.raises(BrokenPipeError):
+        for _ in range(200):  # a later push raises once the thread has met the error, or close does
+            decoder.push(torch.as_tensor(random_codes(1, TINY, seed=6)))
+        decoder.close()
+    assert calls == [2 * 2048, 2048]  # nothing is written after the first failure
