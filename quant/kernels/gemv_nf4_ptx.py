@@ -14,7 +14,10 @@ order of the PTX moves ptxas as much: each row's units before the next row's (fo
 row by row) ran 3-5 % faster on 6144x2560, 4096x2560 and 2560x9728, given a register cap that keeps the launch
 to one wave where needed, and 10-40 % slower on the other shapes: a plan names its order, the chooser times it.
 The multiply-adds stay on the FMA pipe: `mma.sync` in this same layout (15 % fewer instructions) ran 20 % slower, a
-unit's four mma being one dependent chain where the FFMA form has 16 independent products per row.
+unit's four mma being one dependent chain where the FFMA form has 16 independent products per row. Nor did fewer
+instructions help: a byte-to-f16x2 table in shared memory with packed f16 multiply-adds (a third fewer in the inner
+loop) ran at best 3 % faster than this kernel on wo, within its run-to-run spread, and 5 % slower on 4096x2560;
+past the arithmetic, wo's time is that of its memory traffic arriving in one wave (experiments page, section 12).
 
 Layout (bitsandbytes' packed rows, read as int32 words; see gemv_nf4.py): each lane owns 16-column units
 u = lane + 32 i of a row (one 8-byte load of two words, two 16-byte loads of bf16 x, one block scale) and keeps
