@@ -7,7 +7,8 @@ benchmarks/decode_speed.py, as the CLI streams them: every host check's new code
 CUDA stream of its own (runtime/stream_out.py, what the CLI does). Medians of `--repeats`, in ms: from the call to
 generate to the first decoded audio on the host (prefill, first frame, its decode; the graph of the previous
 request replayed); the codec's time per 16-frame piece between checks; ms per frame from frame 17 on with and
-without the streaming decode (its cost to the frame rate). Checked: the streamed pieces concatenate to the codes'
+without the streaming decode (its cost to the frame rate); and the least playback slack (for a player that starts
+with the first piece: how early the tightest piece arrived). Checked: the streamed pieces concatenate to the codes'
 audio decoded afterwards (largest difference).
 
 Run on the GPU machine:  python benchmarks/stream_latency.py --workdir /tmp/s2 --out benchmarks/results
@@ -50,13 +51,12 @@ def streamed(model, codec: Codec, prompt: torch.Tensor, frames: int, background:
     """One warm streamed generation, the pieces decoded between the loop's host checks (inline) or beside the loop
     (BackgroundDecoder, as `synthesize -o -`): first-audio time, inline codec seconds per piece, frame stamps, the
     pieces' audio."""
-    pieces, decode_s, frame_stamps, first = [], [], [], []
+    pieces, decode_s, frame_stamps, arrivals = [], [], [], []
     start = time.perf_counter()
 
     def sink(audio) -> None:
         pieces.append(torch.as_tensor(audio))
-        if not first:
-            first.append(time.perf_counter() - start)
+        arrivals.append(time.perf_counter() - start)
 
     if background:
         decoder = BackgroundDecoder(codec, sink)
@@ -73,8 +73,15 @@ def streamed(model, codec: Codec, prompt: torch.Tensor, frames: int, background:
                       on_frame=lambda _i: frame_stamps.append(time.perf_counter()))
     if background:
         decoder.close()
-    return {"first": first[0], "decode": decode_s[1:-1], "stamps": frame_stamps, "pieces": pieces,
-            "codes": result.codes}
+    return {"first": arrivals[0], "slack": playback_slack(arrivals, [len(p) for p in pieces], codec.config.sample_rate),
+            "decode": decode_s[1:-1], "stamps": frame_stamps, "pieces": pieces, "codes": result.codes}
+
+
+def playback_slack(arrivals: list[float], lengths: list[int], sample_rate: int) -> float:
+    """A player that starts with the first piece runs dry before piece i unless it arrives by the time the pieces
+    before it have played: the least (deadline - arrival) over the pieces, in seconds (negative: a gap)."""
+    played = [sum(lengths[:i]) / sample_rate for i in range(len(lengths))]
+    return min(arrivals[0] + p - t for p, t in zip(played[1:], arrivals[1:]))
 
 
 def plain_stamps(model, prompt: torch.Tensor, frames: int) -> list[float]:
@@ -113,12 +120,14 @@ def main() -> None:
                 whole = DecodeStream(codec).push(last["codes"]).cpu()
                 gap = (torch.cat(last["pieces"]) - whole).abs().max().item()
                 first_ms = statistics.median(r["first"] for r in runs) * 1e3
+                slack_ms = min(r["slack"] for r in runs) * 1e3
                 with_ms = statistics.median(ms_per_frame(r["stamps"]) for r in runs)
                 piece = ("beside the loop (BackgroundDecoder)" if background else
                          f"between host checks, {statistics.median(s for r in runs for s in r['decode']) * 1e3:.1f} "
                          "ms per 16-frame piece")
                 rows.append((f"{name}, {label} ({p.shape[1]} tokens), decoded {piece}",
-                             f"first audio {first_ms:.1f} ms after the call; {with_ms:.2f} ms/frame streaming vs "
+                             f"first audio {first_ms:.1f} ms after the call; least playback slack {slack_ms:.0f} ms; "
+                             f"{with_ms:.2f} ms/frame streaming vs "
                              f"{without_ms:.2f} without; pieces vs whole max |diff| {gap:.1e}"))
                 print(rows[-1], flush=True)
         del model
@@ -131,7 +140,9 @@ def main() -> None:
               "generations (the previous request's CUDA graph replayed); sampling 0.8 / 0.8 / 30",
               "- first audio: from the call to generate to the first frame's audio on the host (prefill, first "
               "frame, its decode); codec: one 16-frame piece (0.74 s of audio) decoded and copied to the host; "
-              "ms/frame from frame 17 on"]
+              "ms/frame from frame 17 on",
+              "- playback slack: for a player that starts at the first piece, the least margin by which a piece "
+              "arrived before the audio ahead of it had played, over every piece of every run (negative: a gap)"]
     write_measured(args.out, "stream-latency", gpu, date, f"Streaming audio while generating ({gpu})", notes, rows)
 
 
