@@ -1,12 +1,14 @@
-"""Audio decoded beside the generation: the codes of each host check after the first go to a thread of their own,
-which decodes them with the causal codec on a CUDA stream of its own and hands the audio on, while the frame loop
-goes on.
+"""Audio decoded beside the generation: after the first 16 frames, the codes of each host check go to a thread of
+their own, which decodes them with the causal codec on a CUDA stream of its own and hands the audio on, while the
+frame loop goes on.
 
-Why a thread: decoding a 16-frame piece launches hundreds of small kernels, 19-35 ms on an H100 when done between
-the frame loop's host checks, which slowed a bf16 frame from 6.7-6.8 to 8.4-9.0 ms
-(benchmarks/results/stream-latency-*.md). On a thread the launches overlap the loop's replays. The first piece
-is decoded by the caller at once: on the thread, beside the loop's first replays, it came out 180-235 ms after
-the call instead of 50-80 ms.
+Why a thread: decoding a 16-frame piece launches hundreds of small kernels, 16-35 ms on an H100 when done between
+the frame loop's host checks, which slowed a bf16 frame from 5.9-6.8 to 7.0-9.3 ms; on the thread the launches
+overlap the loop's replays (benchmarks/results/stream-latency-*.md). Why not from the start: a new thread's first
+decode took 160-190 ms (its own library handles and first launches), so a player that started with the first
+frame ran dry for up to 0.3 s; started after the first piece, its warm-up slowed the caller's next decodes into
+gaps of up to 70 ms. The caller decodes the first 16 frames (pieces of 1, 1, 2, 4 and 8 frames, the frame loop's
+first host checks); then 0.74 s of audio is out, the thread starts and warms up while the next piece is made.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 
 from runtime.codec import Codec, DecodeStream
 
+INLINE_FRAMES = 16  # frames decoded by the caller before the thread takes over
+
 
 @functools.cache
 def _decode_stream(device: torch.device) -> torch.cuda.Stream:
@@ -32,33 +36,35 @@ def _decode_stream(device: torch.device) -> torch.cuda.Stream:
 
 class BackgroundDecoder:
     """`push` codes [10, n] in order (a generation's `on_codes`); `sink` gets their audio [2048 n] (float32, host)
-    in the same order: the first piece's from the caller, the others' from the decoding thread. `close` waits for
-    the last piece; an error of the decoding or the sink (a closed pipe) is raised by `push` or by `close`."""
+    in the same order: the first INLINE_FRAMES frames' from the caller, the others' from the decoding thread.
+    `close` waits for the last piece; an error of the decoding or the sink (a closed pipe) is raised by `push` or
+    by `close`."""
 
     def __init__(self, codec: Codec, sink: Callable[[np.ndarray], None]) -> None:
-        self.decoder, self.sink = DecodeStream(codec), sink
+        self.codec, self.decoder, self.sink = codec, DecodeStream(codec), sink
         self.stream = _decode_stream(codec.device) if codec.device.type == "cuda" else None
         self.pieces: queue.Queue[torch.Tensor | None] = queue.Queue()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._decode_all, name="s2edge-audio", daemon=True)
-        self.started = False
+        self.inline_frames = 0
 
     def push(self, codes: torch.Tensor) -> None:
-        """Hand over codes [10, n]. The first piece is decoded now, on the caller's stream (its audio is the
-        stream's start: it must not wait); later ones are copied to the host (the generation reuses its buffer;
-        the host check that found them has already waited for them, so the copy is quick) and queued."""
+        """Hand over codes [10, n]. The first INLINE_FRAMES frames are decoded now, on the caller's stream (the
+        stream's start must not wait); later ones are copied to the host (the generation reuses its buffer; the
+        host check that found them has already waited for them, so the copy is quick) and queued."""
         if self.error is not None:
             raise self.error
-        if not self.started:  # the decoder's state is on the device once the audio is on the host: safe to hand on
+        if self.inline_frames < INLINE_FRAMES:  # the decoder's state is on the device once the audio is on the host
             self.sink(self.decoder.push(codes).cpu().numpy())
-            self.thread.start()
-            self.started = True
+            self.inline_frames += codes.shape[1]
+            if self.inline_frames >= INLINE_FRAMES:
+                self.thread.start()  # it warms up while the next piece is made, not beside the caller's decodes
             return
         self.pieces.put(codes.to("cpu", copy=True))
 
     def close(self) -> None:
         """Decode what is queued, stop the thread, and raise its error, if any."""
-        if self.started:
+        if self.thread.is_alive():
             self.pieces.put(None)
             self.thread.join()
         if self.error is not None:
@@ -66,6 +72,7 @@ class BackgroundDecoder:
 
     def _decode_all(self) -> None:
         with torch.inference_mode(), (torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()):
+            DecodeStream(self.codec).push(torch.zeros(self.codec.config.num_codebooks, 1, dtype=torch.long))  # warm
             while (codes := self.pieces.get()) is not None:
                 if self.error is not None:
                     continue  # drain: close() reports the first error

@@ -26,13 +26,14 @@ def test_pieces_come_out_in_order_as_the_whole_audio(codec):
     whole = codec.decode(codes, chunk_frames=None).numpy()
     got, threads = [], []
     decoder = BackgroundDecoder(codec, lambda audio: (got.append(audio), threads.append(threading.get_ident())))
-    for start, stop in ((0, 1), (1, 17), (17, 33), (33, 40)):
+    bounds = (0, 1, 2, 4, 8, 16, 32, 40)  # the frame loop's host checks
+    for start, stop in zip(bounds, bounds[1:]):
         decoder.push(torch.as_tensor(codes)[:, start:stop])
     decoder.close()
-    assert [a.shape[0] for a in got] == [2048, 16 * 2048, 16 * 2048, 7 * 2048]
+    assert [a.shape[0] // 2048 for a in got] == [1, 1, 2, 4, 8, 16, 8]
     assert np.abs(np.concatenate(got) - whole).max() <= 1e-5 and whole.std() > 0.01
-    caller = threading.get_ident()  # the first piece at once, by the caller; the others beside it
-    assert threads[0] == caller and caller not in threads[1:]
+    caller = threading.get_ident()  # the first 16 frames at once, by the caller; the others beside it
+    assert threads[:5] == [caller] * 5 and caller not in threads[5:]
 
 
 def test_the_pushed_codes_are_copied(codec):
@@ -57,9 +58,19 @@ def test_an_error_of_the_sink_reaches_the_caller(codec):
             raise BrokenPipeError(32, "Broken pipe")
 
     decoder = BackgroundDecoder(codec, sink)
-    decoder.push(torch.as_tensor(random_codes(2, TINY, seed=5)))  # the first piece: written by the caller
+    decoder.push(torch.as_tensor(random_codes(16, TINY, seed=5)))  # the first 16 frames: written by the caller
     with pytest.raises(BrokenPipeError):
         for _ in range(200):  # a later push raises once the thread has met the error, or close does
             decoder.push(torch.as_tensor(random_codes(1, TINY, seed=6)))
         decoder.close()
-    assert calls == [2 * 2048, 2048]  # nothing is written after the first failure
+    assert calls == [16 * 2048, 2048]  # nothing is written after the first failure
+
+
+def test_a_short_take_is_all_decoded_by_the_caller(codec):
+    codes = torch.as_tensor(random_codes(3, TINY, seed=7))
+    got = []
+    decoder = BackgroundDecoder(codec, got.append)
+    decoder.push(codes[:, :1])
+    decoder.push(codes[:, 1:])
+    decoder.close()
+    assert [len(a) for a in got] == [2048, 2 * 2048] and decoder.thread.ident is None  # never started
