@@ -74,8 +74,7 @@ def streamed(model, codec: Codec, prompt: torch.Tensor, frames: int, background:
     if background:
         decoder.close()
     return {"first": arrivals[0], "slack": playback_slack(arrivals, [len(p) for p in pieces], codec.config.sample_rate),
-            "decode": decode_s[1:-1], "stamps": frame_stamps, "pieces": pieces, "codes": result.codes,
-            "arrivals": arrivals}
+            "decode": decode_s[1:-1], "stamps": frame_stamps, "pieces": pieces, "codes": result.codes}
 
 
 def playback_slack(arrivals: list[float], lengths: list[int], sample_rate: int) -> float:
