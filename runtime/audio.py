@@ -169,9 +169,9 @@ def write_audio(path: str | Path, samples: np.ndarray, sample_rate: int = SAMPLE
 
 class WavPipe:
     """16-bit mono WAV written to a stream (a pipe to a player) as the audio is made. A pipe cannot seek back to
-    fill in the sizes, so the header gives both as 0xFFFFFFFF ("until the end"), which stream readers accept
-    (ffplay, aplay, sox). Samples become 16-bit as libsndfile 1.2 writes PCM_16 (floor of x * 32768, clipped), so
-    the stream holds the samples a .wav of the same audio would."""
+    fill in the sizes, so the header gives both as 0xFFFFFFFF, the usual mark of a stream whose end is the end of
+    the data (libsndfile reads it so). Samples become 16-bit as libsndfile 1.2 writes PCM_16 (floor of x * 32768,
+    clipped), so the stream holds the samples a .wav of the same audio would."""
 
     UNKNOWN = 0xFFFFFFFF
 

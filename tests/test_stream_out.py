@@ -74,3 +74,20 @@ def test_a_short_take_is_all_decoded_by_the_caller(codec):
     decoder.push(codes[:, 1:])
     decoder.close()
     assert [len(a) for a in got] == [2048, 2 * 2048] and decoder.thread.ident is None  # never started
+
+
+def test_the_wav_stream_reads_back_as_the_file_would(tmp_path):
+    import io
+
+    import soundfile as sf
+
+    from runtime.audio import WavPipe, write_audio
+
+    samples = np.random.default_rng(0).uniform(-1.2, 1.2, 30000).astype(np.float32)  # clipped past full scale
+    out = io.BytesIO()
+    pipe = WavPipe(out)
+    pipe.write(samples[:10000])
+    pipe.write(samples[10000:])
+    streamed, rate = sf.read(io.BytesIO(out.getvalue()), dtype="int16")
+    written, _ = sf.read(write_audio(tmp_path / "a.wav", samples), dtype="int16")
+    assert rate == 44100 and streamed.shape == (30000,) and np.array_equal(streamed, written)
