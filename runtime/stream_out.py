@@ -72,11 +72,15 @@ class BackgroundDecoder:
 
     def _decode_all(self) -> None:
         with torch.inference_mode(), (torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()):
-            DecodeStream(self.codec).push(torch.zeros(self.codec.config.num_codebooks, 1, dtype=torch.long))  # warm
+            self._guarded(lambda: DecodeStream(self.codec).push(
+                torch.zeros(self.codec.config.num_codebooks, 1, dtype=torch.long)))  # warm-up: handles, first launches
             while (codes := self.pieces.get()) is not None:
-                if self.error is not None:
-                    continue  # drain: close() reports the first error
-                try:
-                    self.sink(self.decoder.push(codes).cpu().numpy())
-                except BaseException as exc:  # noqa: BLE001 - handed to the generating thread
-                    self.error = exc
+                if self.error is None:  # after an error only drain: close() reports the first one
+                    self._guarded(lambda: self.sink(self.decoder.push(codes).cpu().numpy()))
+
+    def _guarded(self, work: Callable[[], object]) -> None:
+        """Run `work`, keeping its error for the generating thread: the thread must live on to drain the queue."""
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the generating thread
+            self.error = exc

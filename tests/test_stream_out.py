@@ -91,3 +91,22 @@ def test_the_wav_stream_reads_back_as_the_file_would(tmp_path):
     streamed, rate = sf.read(io.BytesIO(out.getvalue()), dtype="int16")
     written, _ = sf.read(write_audio(tmp_path / "a.wav", samples), dtype="int16")
     assert rate == 44100 and streamed.shape == (30000,) and np.array_equal(streamed, written)
+
+
+def test_a_failed_warm_up_is_reported_not_lost(codec, monkeypatch):
+    """Whatever fails on the thread, its first piece included, is raised to the caller rather than dropping audio."""
+    from runtime import stream_out
+
+    real_push = stream_out.DecodeStream.push
+
+    def push(stream, codes):
+        if threading.current_thread().name == "s2edge-audio":  # the thread's warm-up fails
+            raise RuntimeError("no kernel")
+        return real_push(stream, codes)
+
+    monkeypatch.setattr(stream_out.DecodeStream, "push", push)
+    decoder = BackgroundDecoder(codec, lambda audio: None)
+    decoder.push(torch.as_tensor(random_codes(16, TINY, seed=8)))  # by the caller: fine
+    decoder.push(torch.as_tensor(random_codes(4, TINY, seed=9)))
+    with pytest.raises(RuntimeError, match="no kernel"):
+        decoder.close()
