@@ -18,6 +18,9 @@ unit's four mma being one dependent chain where the FFMA form has 16 independent
 instructions help: a byte-to-f16x2 table in shared memory with packed f16 multiply-adds (a third fewer in the inner
 loop) ran at best 3 % faster than this kernel on wo, within its run-to-run spread, and 5 % slower on 4096x2560;
 past the arithmetic, wo's time is that of its memory traffic arriving in one wave (experiments page, section 12).
+Programmatic dependent launch, with the weights loaded before `griddepcontrol.wait` so that they stream under the
+previous kernel, gained nothing that stays correct: ptxas hoists the `.nc` x loads above the wait, which then read
+the previous layer's x, and x loads it keeps below the wait made every chain slower (section 13).
 
 Layout (bitsandbytes' packed rows, read as int32 words; see gemv_nf4.py): each lane owns 16-column units
 u = lane + 32 i of a row (one 8-byte load of two words, two 16-byte loads of bf16 x, one block scale) and keeps
