@@ -10,16 +10,19 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import click
+import numpy as np
 import torch
 
 from quant.kernels import compile_cache_empty, kernels_supported
 from runtime import __version__
 from runtime.audio import FRAME_RATE, WavPipe, check_audio_output
 from runtime.checkpoint import expected_shapes, open_checkpoint, validate
-from runtime.codec import CodecConfig, decode_to_file
-from runtime.codec_cli import CODEC_CONFIG_HELP, codec_config, decode, encode, load_codes, open_codec, save_codes
+from runtime.codec import Codec, CodecConfig, decode_to_file
+from runtime.codec_cli import (CODEC_CONFIG_HELP, codec_config, decode, encode, holds_codes, load_codes, open_codec,
+                               read_reference_audio, save_codes)
 from runtime.config import bundled_config
 from runtime.devices import detect_device, parse_size, use_expandable_segments
 from runtime.engine import Generation, GenerationConfig, frame_budget, generate_batches
@@ -89,8 +92,8 @@ class _Main(click.Group):
 def main(debug: bool) -> None:
     """Fish Audio S2 Pro voice cloning on one consumer GPU.
 
-    Typical use: `s2edge synthesize --checkpoint checkpoints/s2-pro --text "..." --reference-codes ref.npy
-    --reference-text "transcript of ref" --codes-out out.npy`.
+    Typical use: `s2edge synthesize --checkpoint checkpoints/s2-pro --text "..." --reference ref.wav
+    --reference-text "transcript of ref" -o out.wav`.
     """
     use_expandable_segments()
 
@@ -108,18 +111,31 @@ def _read_text(text: str | None, text_file: Path | None) -> str:
     return text
 
 
-def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], num_codebooks: int, size: int) -> list[Reference]:
+def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], full: bool, num_codebooks: int, size: int,
+                     open_encoder: Callable[[], Codec]) -> list[Reference]:
+    """--reference in order: codes files as they are, recordings encoded with the codec (loaded once, freed before
+    the model loads). Every file is read and checked before the codec loads."""
     if len(paths) != len(texts):
-        raise InputError(
-            f"{len(paths)} --reference-codes but {len(texts)} --reference-text: give one transcript per reference"
-        )
-    references = []
+        raise InputError(f"{len(paths)} --reference but {len(texts)} --reference-text: give one transcript per "
+                         f"reference")
     for path, text in zip(paths, texts):
-        array = load_codes(path)
         if not text.strip():
             raise InputError(f"{path}: its --reference-text is empty")
-        references.append(Reference(check_codes(array, num_codebooks, size, what=str(path)), text))
-    return references
+    inputs = [check_codes(load_codes(path), num_codebooks, size, what=str(path)) if holds_codes(path)
+              else read_reference_audio(path, full) for path in paths]
+    recordings = [i for i, item in enumerate(inputs) if isinstance(item, np.ndarray)]  # samples, to be encoded
+    if recordings:
+        codec = open_encoder()
+        for i in recordings:
+            start = time.perf_counter()
+            codes = codec.encode(inputs[i]).cpu().numpy()
+            click.echo(f"encoded {paths[i]} ({inputs[i].size / codec.config.sample_rate:.1f} s) in "
+                       f"{time.perf_counter() - start:.2f} s; `s2edge voice add` keeps it encoded", err=True)
+            inputs[i] = check_codes(codes, num_codebooks, size, what=f"{paths[i]} (encoded)")
+        del codec
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the plan measures free memory next
+    return [Reference(codes, text) for codes, text in zip(inputs, texts)]
 
 
 @main.command()
@@ -127,13 +143,17 @@ def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], num_codebo
               show_default=True, help="Folder with config.json, tokenizer.json and the safetensors shards.")
 @click.option("--text", "-t", help="The text to speak.")
 @click.option("--text-file", type=click.Path(path_type=Path), help="Read the text to speak from a UTF-8 file.")
-@click.option("--reference-codes", "-r", type=click.Path(path_type=Path), multiple=True,
-              help="Codec codes [10, T] (.npy) of a reference recording. Repeat for several speakers.")
+@click.option("--reference", "--reference-codes", "-r", "reference_paths", type=click.Path(path_type=Path),
+              multiple=True,
+              help="The voice to clone: a recording (wav, flac, ogg, mp3...; its first 30 s, encoded with --codec) "
+                   "or its codes (.npy from `s2edge encode`, or a generated take). Repeat for several speakers.")
 @click.option("--reference-text", multiple=True,
-              help="Transcript of the matching reference, in the same order as --reference-codes.")
+              help="Transcript of the matching --reference, word for word, in the same order.")
+@click.option("--full-reference", is_flag=True,
+              help="Encode whole --reference recordings, up to 10 min, instead of their first 30 s.")
 @click.option("--voice", "voices", multiple=True,
               help="A voice from the library (`s2edge voice add`). Repeat for several speakers; voices come before "
-                   "--reference-codes in speaker order.")
+                   "--reference in speaker order.")
 @voices_dir_option
 @click.option("--codes-out", type=click.Path(path_type=Path), default=Path("output.npy"), show_default=True,
               help="Where to write the generated codes [10, n] (.npy, int64).")
@@ -150,7 +170,8 @@ def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], num_codebo
               help="Also decode the codes to audio here (.wav or .flac, 44.1 kHz) with --codec; `-` streams WAV to "
                    "standard output while generating (`-o - | ffplay -nodisp -autoexit -`).")
 @click.option("--codec", "codec_path", type=click.Path(path_type=Path),
-              help="codec.pth for --output [default: codec.pth in the checkpoint folder].")
+              help="codec.pth for --output and recordings given to --reference [default: codec.pth in the "
+                   "checkpoint folder].")
 @click.option("--codec-config", "config_name", default="auto", show_default=True, help=CODEC_CONFIG_HELP)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(PLAN_PRECISIONS), default="auto", show_default=True,
@@ -169,8 +190,9 @@ def synthesize(
     checkpoint: Path,
     text: str | None,
     text_file: Path | None,
-    reference_codes: tuple[Path, ...],
+    reference_paths: tuple[Path, ...],
     reference_text: tuple[str, ...],
+    full_reference: bool,
     voices: tuple[str, ...],
     voices_dir: Path,
     codes_out: Path,
@@ -209,11 +231,13 @@ def synthesize(
     library = VoiceLibrary(voices_dir)
     references = [library.load(name, header.config.num_codebooks, header.config.codebook_size).reference()
                   for name in voices]
-    references += _read_references(
-        reference_codes, reference_text, header.config.num_codebooks, header.config.codebook_size
-    )
     codec_file = codec_path or checkpoint / "codec.pth"
-    codec_arch = codec_config(config_name, codec_file) if output is not None else None  # fails before any work
+    needs_codec = output is not None or not all(holds_codes(path) for path in reference_paths)
+    codec_arch = codec_config(config_name, codec_file) if needs_codec else None  # fails before any work
+    references += _read_references(
+        reference_paths, reference_text, full_reference, header.config.num_codebooks, header.config.codebook_size,
+        lambda: open_codec(codec_file, codec_arch, device, "auto", with_encoder=True)
+    )
     request = PlanRequest(precision, fast_ar_precision, max_context,
                           None if vram_budget is None else parse_size(vram_budget), force)
     choice = choose_plan(header.config, detect_device(target), request)

@@ -66,6 +66,25 @@ def save_codes(path: Path, codes: np.ndarray) -> None:
 
 # The first bytes of the audio files a user may pass where codes are expected
 AUDIO_MAGIC = (b"RIFF", b"fLaC", b"OggS", b"ID3", b"FORM", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def holds_codes(path: Path) -> bool:
+    """Whether `path` is a .npy file (codes) rather than audio, by its first bytes whatever its name; a file that
+    cannot be opened counts as codes if named .npy, so that the reader of its kind reports the problem."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(NPY_MAGIC)) == NPY_MAGIC
+    except OSError:
+        return path.suffix.lower() == ".npy"
+
+
+def read_reference_audio(path: Path, full: bool) -> np.ndarray:
+    """The samples of a reference recording, checked against the recording guide; its warnings are printed."""
+    reference = load_reference(path, full=full)
+    for warning in reference.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    return reference.samples
 
 
 def load_codes(path: Path) -> np.ndarray:
@@ -107,15 +126,13 @@ def encode(audio: Path, output: Path, full_reference: bool, codec_path: Path, co
     Example: s2edge encode voice.wav -o voice.npy
     """
     check_output(output)
-    reference = load_reference(audio, full=full_reference)
-    for warning in reference.warnings:
-        click.echo(f"warning: {warning}", err=True)
+    samples = read_reference_audio(audio, full_reference)
     codec = open_codec(codec_path, codec_config(config_name, codec_path), device, precision, with_encoder=True)
     start = time.perf_counter()
-    codes = codec.encode(reference.samples).cpu().numpy()
+    codes = codec.encode(samples).cpu().numpy()
     elapsed = time.perf_counter() - start
     save_codes(output, codes)
-    seconds = reference.samples.size / codec.config.sample_rate
+    seconds = samples.size / codec.config.sample_rate
     click.echo(f"wrote {output}: codes [{codes.shape[0]}, {codes.shape[1]}] from {seconds:.2f} s of audio "
                f"in {elapsed:.2f} s on {codec.device}")
 

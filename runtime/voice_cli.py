@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 import torch
 
-from runtime.audio import FRAME_RATE, load_reference
+from runtime.audio import FRAME_RATE
 from runtime.codec import CodecConfig, validate_codes
-from runtime.codec_cli import codec_config, codec_options, load_codes, open_codec
+from runtime.codec_cli import codec_config, codec_options, load_codes, open_codec, read_reference_audio
 from runtime.voices import DEFAULT_LIBRARY, Voice, VoiceLibrary, recording_source
 
 voices_dir_option = click.option(
@@ -42,11 +42,9 @@ def add(name: str, audio: Path, text: str, full_reference: bool, replace: bool, 
     """Encode the recording AUDIO and keep it as the voice NAME (checks as `s2edge encode`)."""
     library = VoiceLibrary(voices_dir)
     library.path(name)  # a bad name fails before any work
-    reference = load_reference(audio, full=full_reference)
-    for warning in reference.warnings:
-        click.echo(f"warning: {warning}", err=True)
+    samples = read_reference_audio(audio, full_reference)
     codec = open_codec(codec_path, codec_config(config_name, codec_path), device, precision, with_encoder=True)
-    codes = codec.encode(reference.samples).cpu()
+    codes = codec.encode(samples).cpu()
     stored = library.save(Voice(name, codes, text, recording_source(audio)), replace=replace)
     click.echo(f"voice '{name}': {stored.frames} frames ({stored.frames / FRAME_RATE:.1f} s) in {library.folder}")
 

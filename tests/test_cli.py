@@ -101,6 +101,78 @@ def test_synthesize_with_two_references(tiny_checkpoint, tmp_path):
     assert np.load(tmp_path / "o.npy").shape[0] == 10
 
 
+@pytest.fixture(scope="module")
+def model_sized_codec(tmp_path_factory):
+    """A tiny codec whose books hold the tiny model's 64 codes, so that its codes can prompt the model: (codec.pth,
+    its config .json)."""
+    import dataclasses
+
+    from runtime.codec import CodecConfig
+    from runtime.synthetic_codec import write_synthetic_codec
+
+    folder = tmp_path_factory.mktemp("codec64")
+    config = dataclasses.replace(CodecConfig.load("tiny"), semantic_codebook_size=64, codebook_size=64)
+    (folder / "codec64.json").write_text(json.dumps(dataclasses.asdict(config)))
+    write_synthetic_codec(folder / "codec.pth", config)
+    return folder / "codec.pth", folder / "codec64.json"
+
+
+RECORDING = "tests/fixtures/librivox_sense_and_sensibility_0870.wav"
+
+
+def test_synthesize_clones_from_a_recording_as_from_its_codes(tiny_checkpoint, model_sized_codec, tmp_path):
+    """-r takes a recording or its codes: the recording is encoded first and prompts the model exactly as the codes
+    `s2edge encode` makes of it, alone or beside a codes file."""
+    codec, config = model_sized_codec
+    with_codec = ("--codec", codec, "--codec-config", config)
+    encoded = run("encode", RECORDING, "-o", tmp_path / "ref.npy", *with_codec, "--device", "cpu")
+    assert encoded.exit_code == 0, encoded.output
+    text = ("--reference-text", "A reading.")
+    by_codes = synth(tiny_checkpoint, tmp_path / "a.npy", "-r", tmp_path / "ref.npy", *text)
+    by_audio = synth(tiny_checkpoint, tmp_path / "b.npy", "--reference", RECORDING, *text, *with_codec)
+    plain = synth(tiny_checkpoint, tmp_path / "c.npy")
+    assert by_codes.exit_code == 0 and by_audio.exit_code == 0, by_codes.output + by_audio.output
+    assert "encoded tests/fixtures/librivox_sense_and_sensibility_0870.wav" in by_audio.stderr
+    assert "encoded" not in by_codes.stderr
+    assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    tokens = [int(r.stdout.split("prompt ")[1].split(" tokens")[0]) for r in (by_audio, plain)]
+    assert tokens[0] > tokens[1] + 30  # the encoded recording is in the prompt (negative control: without it)
+
+    mixed = synth(tiny_checkpoint, tmp_path / "d.npy", "-r", tmp_path / "ref.npy", *text, "-r", RECORDING, *text,
+                  *with_codec)
+    twice = synth(tiny_checkpoint, tmp_path / "e.npy", "-r", tmp_path / "ref.npy", *text, "-r", tmp_path / "ref.npy",
+                  *text)
+    assert mixed.exit_code == 0 and twice.exit_code == 0, mixed.output + twice.output
+    assert np.array_equal(np.load(tmp_path / "d.npy"), np.load(tmp_path / "e.npy"))
+
+
+def test_bad_references_fail_before_the_model_loads(tiny_checkpoint, model_sized_codec, tmp_path, monkeypatch):
+    from runtime import cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    codec, config = model_sized_codec
+    with_codec = ("--codec", codec, "--codec-config", config)
+    (tmp_path / "noise.wav").write_bytes(b"RIFF not really a wav file")
+    cases = [
+        (("-r", tmp_path / "absent.wav", "--reference-text", "t"), 4, "absent.wav"),
+        (("-r", tmp_path / "noise.wav", "--reference-text", "t"), 4, "noise.wav"),
+        (("-r", RECORDING), 2, "1 --reference but 0 --reference-text"),
+        (("-r", RECORDING, "--reference-text", " "), 2, "its --reference-text is empty"),
+    ]
+    for args, code, message in cases:
+        result = synth(tiny_checkpoint, tmp_path / "o.npy", *args, *with_codec)
+        assert result.exit_code == code and message in result.stderr, (args, result.output)
+        assert "Traceback" not in result.output
+    from runtime.codec import CodecConfig
+    from runtime.synthetic_codec import write_synthetic_codec
+
+    write_synthetic_codec(tmp_path / "tiny.pth", CodecConfig.load("tiny"))  # books larger than the model's
+    foreign = synth(tiny_checkpoint, tmp_path / "o.npy", "-r", RECORDING, "--reference-text", "t",
+                    "--codec", tmp_path / "tiny.pth")
+    assert foreign.exit_code == 2 and "(encoded): values must lie in [0, 63]" in foreign.stderr, foreign.output
+    assert not (tmp_path / "o.npy").exists()
+
+
 def test_synthesize_writes_audio_with_the_codec(tiny_checkpoint, tmp_path):
     """--codec-config auto (the default) finds the tiny codec from the file's shapes."""
     import soundfile
@@ -144,6 +216,29 @@ def test_synthesize_streams_wav_to_stdout_while_generating(tiny_checkpoint, tmp_
     assert samples.shape == reference.shape == (frames * 2048,) and np.abs(reference).max() > 100
     assert np.abs(samples.astype(np.int32) - reference).max() <= 1
     assert "wrote" in streamed.stderr and b"wrote" not in data
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_recording_is_encoded_on_the_gpu_and_its_codec_freed_before_the_plan(tiny_checkpoint, model_sized_codec,
+                                                                              tmp_path, monkeypatch):
+    """The encoder runs on the GPU and is gone (nothing left allocated, nothing cached) when the plan measures the
+    free memory."""
+    from runtime import cli
+
+    seen = []
+    real = cli.detect_device
+    monkeypatch.setattr(cli, "detect_device", lambda *a: seen.append((torch.cuda.memory_allocated(),
+                                                                     torch.cuda.memory_reserved())) or real(*a))
+    codec, config = model_sized_codec
+    torch.cuda.empty_cache()
+    before = (torch.cuda.memory_allocated(), torch.cuda.memory_reserved())
+    result = run("synthesize", "-c", tiny_checkpoint, "-t", "hello there", "--seed", "0", "--device", "cuda",
+                 "--precision", "bf16", "--max-new-tokens", "10", "--codes-out", tmp_path / "c.npy",
+                 "-r", RECORDING, "--reference-text", "A reading.", "--codec", codec, "--codec-config", config)
+    assert result.exit_code == 0, result.output
+    assert "encoded" in result.stderr and "on cuda" in result.stdout
+    assert seen == [before]
 
 
 @pytest.mark.cuda
