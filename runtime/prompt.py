@@ -100,6 +100,9 @@ def encode_parts(tokenizer: Tokenizer, parts: list[Part], num_codebooks: int) ->
 
 
 SENTENCE_END = re.compile(r"(?<=[.!?;。！？；…])\s+|\n+")
+# S2's inline style tags: free-form directions in square brackets ("[whispering]", "[sighs. a long pause]"),
+# spoken as written; a batch is never cut inside one
+STYLE_TAG = re.compile(r"\[[^\[\]]*\]")
 MAX_SPEAKERS_PER_BATCH = 5
 
 
@@ -128,12 +131,20 @@ def sentence_pieces(turn: str, max_bytes: int) -> list[str]:
     tag = SPEAKER_TAG.match(turn)
     prefix = tag.group(0) if tag else ""
     pieces: list[str] = []
-    for sentence in SENTENCE_END.split(turn[len(prefix):].strip()):
+    for sentence in _sentences(turn[len(prefix):].strip()):
         if pieces and len((pieces[-1] + " " + sentence).encode()) <= max_bytes - len(prefix.encode()):
             pieces[-1] += " " + sentence
         elif sentence:
             pieces.append(sentence)
     return [prefix + piece for piece in pieces]
+
+
+def _sentences(text: str) -> list[str]:
+    """`text` split at sentence ends (SENTENCE_END) outside style tags."""
+    tags = [m.span() for m in STYLE_TAG.finditer(text)]
+    cuts = [m.span() for m in SENTENCE_END.finditer(text) if not any(a < m.start() < b for a, b in tags)]
+    bounds = [0, *(i for span in cuts for i in span), len(text)]
+    return [text[a:b] for a, b in zip(bounds[::2], bounds[1::2])]
 
 
 def text_batches(text: str, max_bytes: int, max_speakers: int = MAX_SPEAKERS_PER_BATCH) -> list[str]:

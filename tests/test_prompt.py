@@ -134,3 +134,12 @@ def test_long_untagged_text_is_cut_at_sentence_ends():
     assert len("é".encode()) == 2 and text_batches("éé. éé.", 5) == ["éé.", "éé."]  # UTF-8 bytes, not characters
     with pytest.raises(InputError, match="empty"):
         text_batches("  ", 100)
+
+
+def test_style_tags_are_never_cut():
+    """A bracketed style tag may hold sentence ends ("[sighs. a long pause]"): cuts fall only outside tags, and a tag
+    stays with the sentence that follows it."""
+    text = "[sighs. a long pause] Fine. I will go. [whispering] Come here! Now."
+    assert text_batches(text, 12) == ["[sighs. a long pause] Fine.", "I will go.", "[whispering] Come here!", "Now."]
+    untagged = text.replace("[", "").replace("]", "")  # negative control: without brackets the same text is cut there
+    assert text_batches(untagged, 12)[:2] == ["sighs.", "a long pause Fine."]
