@@ -16,7 +16,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from runtime.errors import AudioError
+from runtime.errors import AudioError, InputError
 from runtime.files import atomic_path, check_output
 
 SAMPLE_RATE = 44100
@@ -30,7 +30,10 @@ FULL_SCALE = 0.999
 SILENCE = 10 ** (-60 / 20)  # a peak below -60 dBFS is silence (or a broken input chain)
 LOSSY_SUBTYPES = {"MPEG_LAYER_I", "MPEG_LAYER_II", "MPEG_LAYER_III", "VORBIS", "OPUS"}
 UNSUPPORTED = {".m4a", ".aac", ".mp4", ".wma", ".webm", ".amr"}
-WRITE_FORMATS = {".wav": "WAV", ".flac": "FLAC"}
+# suffix -> libsndfile (format, subtype); the lossy ones at libsndfile's highest quality (compression level 0:
+# about 90 kbps MP3 and 120 kbps Vorbis for a speech recording, sample-aligned with the input)
+WRITE_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".mp3": ("MP3", "MPEG_LAYER_III"),
+                 ".ogg": ("OGG", "VORBIS")}
 
 
 @dataclass(frozen=True)
@@ -147,23 +150,31 @@ def load_reference(path: str | Path, full: bool = False) -> Reference:
 
 
 def check_audio_output(path: Path) -> None:
-    """Fail before any work if `path` cannot take the audio: a name other than .wav or .flac, or no place to write."""
+    """Fail before any work if `path` cannot take the audio: a name other than .wav, .flac, .mp3 or .ogg, an encoder
+    this libsndfile lacks (some Linux builds have no MP3), or no place to write."""
     check_output(path, tuple(WRITE_FORMATS))
+    fmt, subtype = WRITE_FORMATS[path.suffix.lower()]
+    if not sf.check_format(fmt, subtype):
+        raise InputError(f"cannot write {path.name}: this libsndfile ({sf.__libsndfile_version__}) has no {fmt} "
+                         f"encoder; use a .wav or .flac file name")
 
 
 def write_audio_chunks(path: str | Path, chunks: Iterable[np.ndarray], sample_rate: int = SAMPLE_RATE) -> Path:
-    """Write mono float chunks as one 16-bit .wav or .flac file; the file appears only once complete."""
+    """Write mono float chunks as one .wav or .flac (16-bit), .mp3 or .ogg (Vorbis) file; the file appears only once
+    complete."""
     path = Path(path)
     check_audio_output(path)
-    fmt = WRITE_FORMATS[path.suffix.lower()]
-    with atomic_path(path) as tmp, sf.SoundFile(str(tmp), "w", sample_rate, 1, "PCM_16", format=fmt) as out:
+    fmt, subtype = WRITE_FORMATS[path.suffix.lower()]
+    quality = {"compression_level": 0.0} if subtype in LOSSY_SUBTYPES else {}
+    with atomic_path(path) as tmp, sf.SoundFile(str(tmp), "w", sample_rate, 1, subtype, format=fmt,
+                                                **quality) as out:
         for chunk in chunks:
             out.write(np.clip(np.asarray(chunk, dtype=np.float32).reshape(-1), -1.0, 1.0))
     return path
 
 
 def write_audio(path: str | Path, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
-    """Write mono float samples [N] as a 16-bit .wav or .flac file, atomically."""
+    """Write mono float samples [N] as an audio file (write_audio_chunks), atomically."""
     return write_audio_chunks(path, [samples], sample_rate)
 
 

@@ -140,7 +140,7 @@ def encode(audio: Path, output: Path, full_reference: bool, codec_path: Path, co
 @click.command()
 @click.argument("codes", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="Where to write the audio: .wav or .flac, 44.1 kHz, mono, 16-bit.")
+              help="Where to write the audio: .wav or .flac (16-bit), .mp3 or .ogg (Vorbis); 44.1 kHz, mono.")
 @click.option("--chunk-frames", type=click.IntRange(min=1), default=DECODE_CHUNK_FRAMES, show_default=True,
               help="Frames decoded at a time: bounds memory; every value gives the same audio.")
 @codec_options

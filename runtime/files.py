@@ -38,7 +38,8 @@ def check_output(path: Path, suffixes: tuple[str, ...] = ()) -> None:
     where empty), a folder in its place, or no folder above it in which a file can be created (probed with a
     temporary file, deleted at once; nothing else is created)."""
     if suffixes and path.suffix.lower() not in suffixes:
-        raise InputError(f"cannot write {path.name}: use a {' or '.join(suffixes)} file name")
+        names = f"{', '.join(suffixes[:-1])} or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
+        raise InputError(f"cannot write {path.name}: use a {names} file name")
     if path.is_dir():
         raise InputError(f"cannot write {path}: it is a folder")
     folder = path.absolute().parent

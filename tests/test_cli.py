@@ -305,7 +305,7 @@ def test_synthesize_checks_the_codec_before_generating(tiny_checkpoint, tmp_path
 
 
 @pytest.mark.parametrize("where, message", [
-    ("audio_suffix", "use a .wav or .flac file name"),
+    ("audio_suffix", "use a .wav, .flac, .mp3 or .ogg file name"),
     ("codes_folder", "it is a folder"),
     ("below_a_file", "is not a folder"),
 ])
@@ -317,7 +317,7 @@ def test_synthesize_checks_its_outputs_before_loading(where, message, tiny_check
     (tmp_path / "file").write_bytes(b"x")
     codes, extra = tmp_path / "c.npy", []
     if where == "audio_suffix":
-        extra = ["-o", tmp_path / "out.mp3"]
+        extra = ["-o", tmp_path / "out.m4a"]
     elif where == "codes_folder":
         codes = tmp_path
     else:
@@ -329,8 +329,8 @@ def test_synthesize_checks_its_outputs_before_loading(where, message, tiny_check
 
 def test_decode_and_encode_check_the_output_first(tmp_path):
     codes = bad_codes(tmp_path, "c.npy", np.zeros((10, 4), np.int64))
-    decoded = run("decode", codes, "-o", tmp_path / "out.ogg", "--codec", tmp_path / "absent.pth")
-    assert decoded.exit_code == 2 and "use a .wav or .flac file name" in decoded.stderr
+    decoded = run("decode", codes, "-o", tmp_path / "out.aac", "--codec", tmp_path / "absent.pth")
+    assert decoded.exit_code == 2 and "use a .wav, .flac, .mp3 or .ogg file name" in decoded.stderr
     (tmp_path / "file").write_bytes(b"x")
     encoded = run("encode", tmp_path / "absent.wav", "-o", tmp_path / "file" / "r.npy")
     assert encoded.exit_code == 2 and "is not a folder" in encoded.stderr
