@@ -1,32 +1,41 @@
-"""Building modules on the meta device (no memory; the weights are assigned while loading) without leaking them.
+"""Building modules on the meta device (no memory; the weights are assigned while loading), without their random
+initialisation.
 
-torch imports torch._dynamo on a process's first `normal_` of a meta tensor (nn.Embedding's initialisation), and
-that import keeps the frames running at the time alive for good, with their locals: the first model built under
+The initialisation of a meta tensor computes nothing, but torch runs `normal_` on one (nn.Embedding's
+initialisation) through its Python reference implementation, which imports torch._dynamo on a process's first call:
+1-4 s of every command's start-up (sympy, torch.distributed, ...; benchmarks/results/cli-wall-*.md), and that import
+keeps the frames running at the time alive for good, with their locals, so the first model built under
 `torch.device("meta")` in a process would never be freed, nor whatever its callers held (with torch 2.11-2.13, a
-bf16 model of 9 GB on the GPU). That first call is made once on a short-lived thread instead, whose frames hold
-nothing.
+bf16 model of 9 GB on the GPU). Inside `meta_device()` the random initialisations return their tensor untouched:
+the loader overwrites every parameter anyway.
 """
 
 from __future__ import annotations
 
-import functools
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from torch.overrides import TorchFunctionMode
+
+# The calls a module's reset_parameters makes to fill a tensor at random: nn.init's (which dispatch on the function
+# itself while a mode is active) and the tensor methods they end in.
+_RANDOM_INITS = frozenset({
+    torch.Tensor.normal_, torch.Tensor.uniform_, torch.nn.init.normal_, torch.nn.init.uniform_,
+    torch.nn.init.trunc_normal_, torch.nn.init.kaiming_uniform_, torch.nn.init.kaiming_normal_,
+    torch.nn.init.xavier_uniform_, torch.nn.init.xavier_normal_,
+})
 
 
-@functools.cache
-def _first_meta_init() -> None:
-    thread = threading.Thread(target=lambda: torch.empty(0, device="meta").normal_(), name="meta-init")
-    thread.start()
-    thread.join()
+class _SkipRandomInit(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _RANDOM_INITS:  # nn.init passes its tensor by keyword, a tensor method as self
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
 
 
 @contextmanager
 def meta_device() -> Iterator[None]:
-    """`torch.device("meta")` as a context, after the process's first meta initialisation has run elsewhere."""
-    _first_meta_init()
-    with torch.device("meta"):
+    """`torch.device("meta")` as a context, with random initialisations skipped."""
+    with torch.device("meta"), _SkipRandomInit():
         yield
