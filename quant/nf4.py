@@ -9,10 +9,15 @@ For compute, the double quantization is undone once at load: one scale per block
 bytes of fp32, 2^-11 relative rounding, far below NF4's own error) unless the scales fall outside fp16's normal
 range, then fp32. The packed bytes are used as they are; the tensors only needed to write the stored form back
 stay on the CPU. Without double quantization (no `nested_*` tensors) the file loads as well.
+
+Loading reads the quant state and undoes the double quantization itself (the same fp32 products as
+bitsandbytes' dequantize_blockwise, bit for bit): importing bitsandbytes takes about 2 s (it pulls in sympy and
+torch._dynamo), which every start-up from a pre-quantized store would otherwise pay. Quantizing still uses it.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Mapping, Self
 
 import torch
@@ -29,6 +34,33 @@ def _bnb_functional():
     import bitsandbytes.functional  # imported on first use: slow, and noisy on machines without its kernels
 
     return bitsandbytes.functional
+
+
+def _quant_state(packed: Tensor) -> dict:
+    """bitsandbytes' packed quant state: the JSON of its non-tensor items as uint8 bytes."""
+    try:
+        state = json.loads(bytes(packed.cpu().numpy()).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"nf4 layer: unreadable bitsandbytes quant state ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("blocksize"), int) or state["blocksize"] < 1:
+        raise CheckpointError(f"nf4 layer: unreadable bitsandbytes quant state ({state!r:.80})")
+    return state
+
+
+def _block_scales(tensors: Mapping[str, Tensor], state: dict, device: torch.device) -> Tensor:
+    """One fp32 scale per block: `weight.absmax` as stored, or with double quantization its uint8 codes through
+    `nested_quant_map`, times the scale of their block of `nested_blocksize`, plus `nested_offset`."""
+    absmax = tensors["weight.absmax"].to(device)
+    if "weight.nested_absmax" not in tensors:
+        return absmax.float()
+    nested, code = tensors["weight.nested_absmax"].to(device), tensors.get("weight.nested_quant_map")
+    blocksize = state.get("nested_blocksize")
+    if (absmax.dtype != torch.uint8 or code is None or code.numel() != 256 or not isinstance(blocksize, int)
+            or blocksize < 1 or nested.numel() != -(-absmax.numel() // blocksize) or "nested_offset" not in state):
+        raise CheckpointError("nf4 layer: inconsistent double quantization (absmax, nested_absmax, nested_quant_map)")
+    block = torch.arange(absmax.numel(), device=device) // blocksize
+    offset = torch.tensor(float(state["nested_offset"]), dtype=torch.float32)
+    return code.to(device, torch.float32)[absmax.long()] * nested.float()[block] + offset.to(device)
 
 
 def _compute_scales(absmax: Tensor) -> Tensor:
@@ -66,26 +98,18 @@ class NF4Linear(QuantizedLinear):
     def from_stored(cls, tensors: Mapping[str, Tensor]) -> Self:
         require(tensors, "nf4", {"weight": torch.uint8, "weight.quant_map": torch.float32, "weight.absmax": None,
                                  "weight.quant_state.bitsandbytes__nf4": torch.uint8})
-        bnbf = _bnb_functional()
         packed = tensors["weight"]
-        try:
-            state = bnbf.QuantState.from_dict(
-                {k.removeprefix("weight."): v for k, v in tensors.items() if k != "weight"}, device=packed.device
-            )
-        except (ValueError, KeyError, AssertionError) as e:
-            raise CheckpointError(f"nf4 layer: unreadable bitsandbytes quant state ({e})") from None
-        if state.quant_type != "nf4" or state.shape is None or len(state.shape) != 2:
-            raise CheckpointError(f"nf4 layer: quant state says {state.quant_type} {state.shape}, expected nf4 2-D")
-        out_features, in_features = state.shape
+        state = _quant_state(tensors["weight.quant_state.bitsandbytes__nf4"])
+        shape = state.get("shape")
+        if state.get("quant_type") != "nf4" or not isinstance(shape, list) or len(shape) != 2:
+            raise CheckpointError(f"nf4 layer: quant state says {state.get('quant_type')} {shape}, expected nf4 2-D")
+        out_features, in_features = shape
         if packed.numel() != (out_features * in_features + 1) // 2:
             raise CheckpointError(f"nf4 layer: {packed.numel()} packed bytes for a {out_features}x{in_features} weight")
-        if state.nested:
-            absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
-        else:
-            absmax = state.absmax
+        absmax = _block_scales(tensors, state, packed.device)
         stored_only = {key: t.cpu() for key, t in tensors.items() if key not in _COMPUTE_KEYS}
-        return cls(out_features, in_features, packed.reshape(-1, 1), _compute_scales(absmax), state.code,
-                   state.blocksize, stored_only)
+        return cls(out_features, in_features, packed.reshape(-1, 1), _compute_scales(absmax),
+                   tensors["weight.quant_map"].to(packed.device), state["blocksize"], stored_only)
 
     def stored_tensors(self) -> dict[str, Tensor]:
         return {"weight": self.weight, "weight.quant_map": self.code, **self._stored_only}

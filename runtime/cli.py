@@ -167,8 +167,8 @@ def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], full: bool
               help="Long text is spoken in batches of at most this many UTF-8 bytes, cut at speaker tags and "
                    "sentence ends; each batch hears the ones before it, so the voice carries over.")
 @click.option("--output", "-o", type=click.Path(path_type=Path),
-              help="Also decode the codes to audio here (.wav, .flac, .mp3 or .ogg; 44.1 kHz) with --codec; `-` streams WAV to "
-                   "standard output while generating (`-o - | ffplay -nodisp -autoexit -`).")
+              help="Also decode the codes to audio here (.wav, .flac, .mp3 or .ogg; 44.1 kHz) with --codec; `-` "
+                   "streams WAV to standard output while generating (`-o - | ffplay -nodisp -autoexit -`).")
 @click.option("--codec", "codec_path", type=click.Path(path_type=Path),
               help="codec.pth for --output and recordings given to --reference [default: codec.pth in the "
                    "checkpoint folder].")

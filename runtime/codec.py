@@ -337,7 +337,8 @@ class DecodeStream:
 
 def decode_to_file(codes: Tensor | np.ndarray, codec: Codec, path: str | Path,
                    chunk_frames: int = DECODE_CHUNK_FRAMES) -> Path:
-    """Decode codes [10, T] and write 44.1 kHz audio to `path` (write_audio_chunks' formats) atomically, chunk by chunk."""
+    """Decode codes [10, T] and write 44.1 kHz audio to `path` (write_audio_chunks' formats) atomically, chunk by
+    chunk."""
     chunks = (c.cpu().numpy() for c in codec.decode_chunks(codes, chunk_frames))
     return write_audio_chunks(path, chunks, codec.config.sample_rate)
 

@@ -105,3 +105,56 @@ def test_rejects_broken_stored_tensors():
     fp4, state = bnbf.quantize_4bit(_weight(64, 128), blocksize=64, compress_statistics=True, quant_type="fp4")
     with pytest.raises(CheckpointError, match="nf4"):
         NF4Linear.from_stored({"weight": fp4, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}})
+
+
+@pytest.mark.parametrize("shape", [(7, 90), (128, 320), (2560, 4096)])
+def test_loading_undoes_double_quantization_as_bitsandbytes(shape):
+    """The block scales read at load equal bitsandbytes' own dequantize_blockwise + offset bit for bit (fp32),
+    the last partial nested block included; a changed code byte changes them (negative control)."""
+    from quant.nf4 import _block_scales, _quant_state
+
+    packed, state = _bnb_reference(_weight(*shape))
+    stored = {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
+    ours = _block_scales(stored, _quant_state(stored["weight.quant_state.bitsandbytes__nf4"]), packed.device)
+    theirs = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    assert ours.dtype == theirs.dtype == torch.float32 and torch.equal(ours, theirs)
+    stored["weight.absmax"] = stored["weight.absmax"].clone()
+    stored["weight.absmax"][-1] ^= 1
+    changed = _block_scales(stored, _quant_state(stored["weight.quant_state.bitsandbytes__nf4"]), packed.device)
+    assert not torch.equal(changed, theirs)
+
+
+LOAD_WITHOUT_BNB = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from safetensors.torch import load_file
+from quant.nf4 import NF4Linear
+tensors = load_file({path!r})
+layer = NF4Linear.from_stored({{k: v for k, v in tensors.items() if k != "expected"}})
+print(torch.equal(layer.absmax, tensors["expected"]), "bitsandbytes" in sys.modules)
+"""
+
+
+def test_loading_a_stored_layer_does_not_import_bitsandbytes(tmp_path):
+    """A start-up from the pre-quantized store skips bitsandbytes' import (about 2 s), with the same scales."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    layer = quantize_linear(_weight(64, 256), "nf4")
+    save_file({**layer.stored_tensors(), "expected": layer.absmax}, tmp_path / "layer.safetensors")
+    root = str(Path(__file__).resolve().parents[1])
+    script = LOAD_WITHOUT_BNB.format(root=root, path=str(tmp_path / "layer.safetensors"))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False"]
+
+
+def test_broken_double_quantization_is_a_checkpoint_error():
+    stored = quantize_linear(_weight(64, 128), "nf4").stored_tensors()
+    with pytest.raises(CheckpointError, match="double quantization"):
+        NF4Linear.from_stored({**stored, "weight.nested_absmax": stored["weight.nested_absmax"][:0]})
+    with pytest.raises(CheckpointError, match="quant state"):
+        not_json = torch.tensor([255], dtype=torch.uint8)
+        NF4Linear.from_stored({**stored, "weight.quant_state.bitsandbytes__nf4": not_json})
