@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from quant.kernels import compile_cache_empty, kernels_supported
+from quant.kernels.choices import KERNEL_CHOICES, remember_in
 from runtime import __version__
 from runtime.audio import FRAME_RATE, WavPipe, check_audio_output
 from runtime.checkpoint import expected_shapes, open_checkpoint, validate
@@ -183,7 +184,8 @@ def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], full: bool
 @click.option("--vram-budget", default=None, help="Use at most this much GPU memory, e.g. 8GB.")
 @click.option("--force", is_flag=True, help="Take a forced --precision even if it is predicted not to fit.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE_DIR,
-              show_default=True, help="Where quantized weights are saved once and reloaded on later runs.")
+              show_default=True, help="Where quantized weights and the GPU kernels' timed choices are saved once "
+                                      "and reused on later runs.")
 @click.option("--no-cuda-graph", is_flag=True,
               help="On a GPU, decode frame by frame eagerly instead of replaying one captured CUDA graph per frame.")
 def synthesize(
@@ -223,6 +225,7 @@ def synthesize(
                          "`| ffplay -nodisp -autoexit -` or `| aplay`")
     if output is not None and not streaming:
         check_audio_output(output)
+    remember_in(cache_dir / KERNEL_CHOICES)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
     config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, max_context=max_context,
                               cuda_graph=not no_cuda_graph)

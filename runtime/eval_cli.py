@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 import torch
 
+from quant.kernels.choices import KERNEL_CHOICES, remember_in
 from runtime import audio_judges
 from runtime.checkpoint import open_checkpoint
 from runtime.codec_cli import CODEC_CONFIG_HELP, codec_config, open_codec
@@ -130,7 +131,7 @@ def replay_all(model, takes: list[tuple[torch.Tensor, torch.Tensor]], label: str
 @click.option("--reference-device", help="Run the bf16 reference here instead, e.g. cpu where bf16 does not fit the "
                                           "GPU (about 9 GB of host RAM; minutes). [default: --device]")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE_DIR,
-              show_default=True, help="Pre-quantized weights, shared with `synthesize`.")
+              show_default=True, help="Pre-quantized weights and kernel choices, shared with `synthesize`.")
 @click.option("--report", type=click.Path(path_type=Path), help="Also write the tables here (markdown).")
 def evaluate(checkpoint: Path, modes: str | None, texts: tuple[str, ...], voices: tuple[str, ...], voices_dir: Path,
              takes: int | None, frames: int | None, audio: bool, codec_path: Path | None, codec_config_name: str,
@@ -162,6 +163,7 @@ def evaluate(checkpoint: Path, modes: str | None, texts: tuple[str, ...], voices
         codec_file = codec_path or checkpoint / "codec.pth"
         codec_arch = codec_config(codec_config_name, codec_file)
     home = target if reference_device is None else resolve_device(reference_device)
+    remember_in(cache_dir / KERNEL_CHOICES)
     loaded = load(checkpoint, home, WeightFormats(), cache_dir, "bf16")
     model, config = loaded.model, loaded.model.config
     library = VoiceLibrary(voices_dir)

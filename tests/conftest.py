@@ -24,6 +24,16 @@ from runtime.synthetic import write_checkpoint
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
+@pytest.fixture(autouse=True)
+def _forget_kernel_choices():
+    """A command run in-process (CliRunner) keeps its kernel choices in its cache folder from then on: not for the
+    tests after it, whose first calls must time."""
+    yield
+    from quant.kernels.choices import remember_in
+
+    remember_in(None)
+
+
 def spec_tensors(component: str) -> list[tuple[str, str, tuple[int, ...]]]:
     """Rows of the official tensor inventory (checkpoint key, runtime key, shape) whose component starts so."""
     rows = []

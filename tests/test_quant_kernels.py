@@ -284,7 +284,7 @@ def test_fastest_times_every_candidate_cold_then_the_near_ones_again(monkeypatch
             return candidate, t
 
         monkeypatch.setattr(tiles, "graph_bench", bench)
-        chosen = tiles.fastest(copies[0], candidates, run)
+        chosen = tiles.fastest(copies[0], candidates, run, ("test",))
         assert events[0] == candidates[0] and set(events[:4]) == set(candidates)  # each once before any timing
         return chosen
 
@@ -358,7 +358,69 @@ def test_fastest_leaves_out_a_candidate_this_gpu_cannot_run(monkeypatch):
             raise OutOfResources(200_000, 101_376, "shared memory")
         return candidate
 
-    assert tiles.fastest((torch.zeros(2),), ["small", "large"], run) == "small"
+    assert tiles.fastest((torch.zeros(2),), ["small", "large"], run, ("test",)) == "small"
     with pytest.raises(OutOfResources):
-        tiles.fastest((torch.zeros(2),), ["large"], run)
+        tiles.fastest((torch.zeros(2),), ["large"], run, ("test",))
 
+
+def test_a_kept_choice_is_taken_without_timing_by_a_later_process(monkeypatch, tmp_path):
+    """With choices.remember_in, the first call per key times and writes its choice; a later process (a new
+    ChoiceFile on the same file) takes it without running or timing anything: cuBLAS (None) included. Another
+    candidate list, another machine identity or a damaged file mean timing again (negative controls)."""
+    from quant.kernels import choices, tiles
+
+    monkeypatch.setattr(tiles, "cold_copies", lambda tensors: [tensors])
+    monkeypatch.setattr(tiles, "graph_bench", lambda fn: {None: 1.0, "a": 2.0, "b": 0.5, "c": 3.0}[fn()[0]])
+    monkeypatch.setattr(choices, "machine_identity", lambda device: identity[0])
+    identity, runs, path = ["GPU one"], [], tmp_path / "cache" / "kernel-choices.json"
+
+    def run(candidate, t):
+        runs.append(candidate)
+        return candidate
+
+    def choose(candidates, key=("gemv", 2560, 4096)):
+        runs.clear()
+        choices.remember_in(path)  # a new process: nothing read yet
+        try:
+            return tiles.fastest((torch.zeros(2),), candidates, run, key)
+        finally:
+            choices.remember_in(None)
+
+    assert choose([None, "a", "b"]) == "b" and runs and path.exists()
+    assert choose([None, "a", "b"]) == "b" and runs == []  # recalled: nothing ran
+    assert choose([None, "a"], key=("gemv", 1, 1)) is None and runs  # None (cuBLAS) won ...
+    assert choose([None, "a"], key=("gemv", 1, 1)) is None and runs == []  # ... and is recalled as a choice
+    assert choose([None, "a", "b", "c"]) == "b" and runs  # another candidate list: timed again
+    identity[0] = "GPU two"
+    assert choose([None, "a", "b"]) == "b" and runs  # another machine: timed again
+    path.write_text("{not json")
+    assert choose([None, "a", "b"]) == "b" and runs  # a damaged file is timed over and rewritten
+    assert choose([None, "a", "b"]) == "b" and runs == []
+    assert tiles.fastest((torch.zeros(2),), [None, "a", "b"], run, ("gemv", 2560, 4096)) == "b"  # not remembering
+    (tmp_path / "file").write_text("")
+    path = tmp_path / "file" / "kernel-choices.json"  # a cache folder that cannot be: the choice comes, not kept
+    assert choose([None, "a", "b"]) == "b" and runs and not path.exists()
+
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("fmt", ["nf4", "fp8"])
+def test_a_later_process_takes_the_kept_kernel_choice_on_the_gpu(fmt, tmp_path, monkeypatch):
+    """The real choosers keep their choice in the file and take it back in a "new process" (the in-memory choices
+    cleared, a new ChoiceFile) without timing: first_calls would fail if called. The output is the same."""
+    from quant.kernels import choices, gemv8, tiles
+    from quant.kernels import gemv_nf4 as nf4_kernels
+
+    layer, x = _layer(fmt, 1024, 2560), torch.randn(1, 1, 2560, device=DEVICE, dtype=torch.bfloat16)
+    monkeypatch.setattr(nf4_kernels, "_choice", {})
+    monkeypatch.setattr(gemv8, "_tiles", {})
+    choices.remember_in(tmp_path / choices.KERNEL_CHOICES)
+    first = layer(x)
+    kept = (tmp_path / choices.KERNEL_CHOICES).read_text()
+    assert ("gemv_nf4" if fmt == "nf4" else "gemv8") in kept
+    monkeypatch.setattr(nf4_kernels, "_choice", {})
+    monkeypatch.setattr(gemv8, "_tiles", {})
+    monkeypatch.setattr(tiles, "first_calls", lambda *a: pytest.fail("timed again"))
+    choices.remember_in(tmp_path / choices.KERNEL_CHOICES)
+    assert torch.equal(layer(x), first)

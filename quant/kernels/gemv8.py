@@ -126,7 +126,7 @@ def gemv8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fp8_bit
         if key not in _tiles:
             tensors = (weight, scale, up_weight, up_scale) if gated else (weight, scale)
             _tiles[key] = fastest(tensors, TILES, lambda t, w, s, *u: _launch(x, w, s, *(u or (w, s)), fp8_bits,
-                                                                               gated, t))
+                                                                               gated, t), ("gemv8", *key))
         tile = _tiles[key]
     return _launch(x, weight, scale, up_weight, up_scale, fp8_bits, gated, tile)
 
@@ -147,7 +147,8 @@ def gemv_float(x: torch.Tensor, weight: torch.Tensor, *, up: torch.Tensor | None
         key = (n, k, weight.dtype, False, up is not None, x.dtype, x.device)
         if key not in _tiles:
             tensors = (weight,) if up is None else (weight, up)
-            _tiles[key] = fastest(tensors, (None, *TILES), lambda t, w, *u: _float(x, w, u[0] if u else None, t))
+            _tiles[key] = fastest(tensors, (None, *TILES), lambda t, w, *u: _float(x, w, u[0] if u else None, t),
+                                  ("gemv_float", *key))
         tile = _tiles[key]
     return _float(x, weight, up, tile)
 

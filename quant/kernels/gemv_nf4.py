@@ -181,7 +181,7 @@ def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: 
     key = (n, k, blocksize, absmax.dtype, x.dtype, x.device)
     if key not in _choice:
         _choice[key] = fastest((words, absmax), candidates(x, k, blocksize),
-                               lambda choice, w, a: _run(choice, x, w, a, code, blocksize))
+                               lambda choice, w, a: _run(choice, x, w, a, code, blocksize), ("gemv_nf4", *key))
     return _run(_choice[key], x, words, absmax, code, blocksize)
 
 
@@ -234,7 +234,8 @@ def gemv_nf4_gated(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor], up:
             return gemv_nf4_ptx.gemv_nf4_ptx(x, w, a, code, blocksize, plan, up=(uw, ua))
 
         plans = [plan for plan in gemv_nf4_ptx.PLANS if plan.rows == 2 and plan.fits(k)]
-        _gated_plan[key] = fastest((words, absmax, up_words, up_absmax), [None, *plans], run)
+        _gated_plan[key] = fastest((words, absmax, up_words, up_absmax), [None, *plans], run,
+                                   ("gemv_nf4_gated", *key))
     plan = _gated_plan[key]
     if plan is None:
         return None

@@ -23,7 +23,7 @@ import triton.language as tl
 from triton.compiler.errors import CompileTimeAssertionFailure
 from triton.runtime.errors import OutOfResources, PTXASError
 
-from quant.kernels import FMA, replay_ms
+from quant.kernels import FMA, choices, replay_ms
 
 
 @dataclass(frozen=True)
@@ -143,10 +143,12 @@ ROUNDS = 3  # timings of each such candidate, interleaved; the median decides
 CALLS = 36  # calls per timed replay at least (one per slow-AR layer): the graph's own launch stays a small part
 
 
-def fastest(tensors: tuple[torch.Tensor, ...], candidates: Sequence[Candidate],
-            run: Callable[..., Any]) -> Candidate:
+def fastest(tensors: tuple[torch.Tensor, ...], candidates: Sequence[Candidate], run: Callable[..., Any],
+            key: tuple) -> Candidate:
     """The candidate c whose `run(c, *tensors)` is quickest, each replayed in a CUDA graph over copies of the tensors
-    that do not fit in L2 together (cold_copies); the first of equal times wins, so list a default first.
+    that do not fit in L2 together (cold_copies); the first of equal times wins, so list a default first. `key`
+    names the call (kernel, shape, dtypes): where choices.remember_in gave a file, the choice of an earlier process
+    for the same key, candidates and machine is taken without timing, and a new one is kept there.
 
     Every candidate runs once before any timing (first_calls, which compiles them in parallel): compiling (and any
     choice of its own) stays out of the timing and out of the graph capture; one this GPU cannot compile or launch
@@ -155,6 +157,9 @@ def fastest(tensors: tuple[torch.Tensor, ...], candidates: Sequence[Candidate],
     each was not enough either: NF4 2560x4096's two best plans, 3 % apart, swapped in one of five processes; so the
     near ones are timed again, in turns, and their medians compared (benchmarks/results/kernel-choice-*.md).
     """
+    memory, device, listed = choices.current(), tensors[0].device, candidates
+    if memory is not None and (known := memory.recall(device, key, listed)) is not None:
+        return listed[known]
     candidates = first_calls(tensors, candidates, run)
     sets = cold_copies(tensors)
     calls = [sets[j % len(sets)] for j in range(max(CALLS, len(sets)))]  # the copies in turn
@@ -170,4 +175,7 @@ def fastest(tensors: tuple[torch.Tensor, ...], candidates: Sequence[Candidate],
             for i in near:
                 times[i].append(timed(i))
     medians = {i: statistics.median(times[i]) for i in near}
-    return candidates[min(near, key=lambda i: (medians[i], i))]
+    choice = candidates[min(near, key=lambda i: (medians[i], i))]
+    if memory is not None:
+        memory.keep(device, key, listed, choice)
+    return choice
