@@ -23,6 +23,8 @@ from sass_count import compile_for, count  # noqa: E402
 
 from quant.kernels.decode_attention import (BLOCK, CHUNK, GROUP_ROWS, _decode_attention_combine_kernel,  # noqa: E402
                                             _decode_attention_split_kernel)
+from quant.kernels.dequant_nf4 import BLOCK as DEQUANT_BLOCK  # noqa: E402
+from quant.kernels.dequant_nf4 import _dequant_nf4_kernel  # noqa: E402
 from quant.kernels.norm_rope import _norm_rope_kernel, _rms_norm_kernel  # noqa: E402
 from quant.kernels.sample import _sample_kernel  # noqa: E402
 from quant.kernels.swiglu import BLOCK as SILU_BLOCK  # noqa: E402
@@ -78,6 +80,11 @@ BUILDS = {
     "SiLU x up": Build(
         _silu_mul_kernel, _typed("gate_ptr up_ptr y_ptr", "*bf16") | {"n": "i32", "BLOCK": "constexpr"},
         {"BLOCK": SILU_BLOCK}),
+    "NF4 dequantization (prefill)": Build(
+        _dequant_nf4_kernel,
+        {"packed_ptr": "*u8", "absmax_ptr": "*fp16", "code_ptr": "*fp32", "out_ptr": "*bf16", "n_bytes": "i32",
+         "n_weights": "i32"} | _typed("QBLOCK BLOCK", "constexpr"),
+        {"QBLOCK": 64, "BLOCK": DEQUANT_BLOCK}),
 }
 
 # GEMVs through benchmarks/sass_count.py (its signatures): name -> (format, K, tile, shuffle)

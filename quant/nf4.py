@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from quant.base import QuantizedLinear, require
+from quant.kernels import kernels_supported
 from runtime.errors import CheckpointError
 
 BLOCKSIZE = 64
@@ -115,9 +116,14 @@ class NF4Linear(QuantizedLinear):
         return {"weight": self.weight, "weight.quant_map": self.code, **self._stored_only}
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        shape = torch.Size((self.out_features, self.in_features))
+        if self.weight.is_cuda and kernels_supported(self.weight.device) and self.blocksize % 2 == 0:
+            from quant.kernels.dequant_nf4 import dequant_nf4
+
+            return dequant_nf4(self.weight, self.absmax, self.code, self.blocksize, shape, dtype)
         bnbf = _bnb_functional()
-        state = bnbf.QuantState(absmax=self.absmax.float(), shape=torch.Size((self.out_features, self.in_features)),
-                                code=self.code, blocksize=self.blocksize, quant_type="nf4", dtype=dtype)
+        state = bnbf.QuantState(absmax=self.absmax.float(), shape=shape, code=self.code, blocksize=self.blocksize,
+                                quant_type="nf4", dtype=dtype)
         return bnbf.dequantize_4bit(self.weight, state)
 
     def gemv_applies(self, x: Tensor) -> bool:

@@ -424,3 +424,23 @@ def test_a_later_process_takes_the_kept_kernel_choice_on_the_gpu(fmt, tmp_path, 
     monkeypatch.setattr(tiles, "first_calls", lambda *a: pytest.fail("timed again"))
     choices.remember_in(tmp_path / choices.KERNEL_CHOICES)
     assert torch.equal(layer(x), first)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("n, k", [(7, 90), (9728, 2560)])
+def test_nf4_prefill_weight_is_bitsandbytes_dequantization_on_the_gpu(n, k):
+    """The multi-token forward's weight (quant/kernels/dequant_nf4.py) equals bitsandbytes' GPU dequantize_4bit bit
+    for bit in fp32 and bf16; scales 1 % off differ (negative control)."""
+    import bitsandbytes.functional as bnbf
+
+    from quant.kernels.dequant_nf4 import dequant_nf4
+
+    layer = _layer("nf4", n, k)
+    for dtype in (torch.float32, torch.bfloat16):
+        state = bnbf.QuantState(absmax=layer.absmax.float(), shape=torch.Size((n, k)), code=layer.code,
+                                blocksize=layer.blocksize, quant_type="nf4", dtype=dtype)
+        theirs = bnbf.dequantize_4bit(layer.weight, state)
+        assert torch.equal(layer.dequantize(dtype), theirs)
+    off = dequant_nf4(layer.weight, layer.absmax * 1.01, layer.code, layer.blocksize, torch.Size((n, k)), dtype)
+    assert not torch.equal(off, theirs)

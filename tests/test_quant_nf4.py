@@ -158,3 +158,25 @@ def test_broken_double_quantization_is_a_checkpoint_error():
     with pytest.raises(CheckpointError, match="quant state"):
         not_json = torch.tensor([255], dtype=torch.uint8)
         NF4Linear.from_stored({**stored, "weight.quant_state.bitsandbytes__nf4": not_json})
+
+
+@pytest.mark.parametrize("shape", [(7, 90), (64, 128), (3, 64)])
+def test_our_dequantization_is_bitsandbytes_bit_for_bit(shape):
+    """quant/kernels/dequant_nf4.py (the GPU prefill's weight; here in Triton's interpreter on the CPU, on a GPU in
+    tests/test_quant_kernels.py) equals bitsandbytes' dequantize_4bit in fp32, odd sizes included; a changed scale
+    shows (negative control). In bf16 the interpreter truncates where the GPU rounds to nearest even: within one
+    bf16 step here, exact on the GPU."""
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter runs only without a GPU; the GPU case is in test_quant_kernels.py")
+    from quant.kernels.dequant_nf4 import dequant_nf4
+
+    layer = quantize_linear(_weight(*shape), "nf4")
+    state = bnbf.QuantState(absmax=layer.absmax.float(), shape=torch.Size(shape), code=layer.code,
+                            blocksize=layer.blocksize, quant_type="nf4", dtype=torch.float32)
+    theirs = bnbf.dequantize_4bit(layer.weight, state)
+    ours = dequant_nf4(layer.weight, layer.absmax, layer.code, layer.blocksize, torch.Size(shape), torch.float32)
+    assert torch.equal(ours, theirs)
+    ours = dequant_nf4(layer.weight, layer.absmax, layer.code, layer.blocksize, torch.Size(shape), torch.bfloat16)
+    assert ours.dtype == torch.bfloat16 and ((ours.float() - theirs).abs() <= theirs.abs() * 2.0**-7).all()
+    off = dequant_nf4(layer.weight, layer.absmax * 1.01, layer.code, layer.blocksize, torch.Size(shape), torch.float32)
+    assert not torch.equal(off, theirs)

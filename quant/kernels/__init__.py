@@ -2,7 +2,8 @@
 launch each where torch takes several small ones: the residual add with the norm and QK-norm + RoPE with the
 cache writes (norm_rope.py), SiLU x up (swiglu.py; the GEMVs' gated form computes it with the FFN's gate and up
 projections in their launch), a token draw (sample.py), and one decode token's attention over the filled
-slots of the K/V cache (decode_attention.py).
+slots of the K/V cache (decode_attention.py); and, for a multi-token forward, the NF4 weight dequantized without
+importing bitsandbytes (dequant_nf4.py).
 
 Triton is optional: CPU installs (CI) have none, and every caller falls back without it (quantized layers to
 dequantize + matmul, the model and sampling to their torch expressions). The GEMV kernels choose their
