@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from runtime.errors import CheckpointError
-from runtime.safetensors_io import read_safetensors_header, read_tensor, write_safetensors
+from runtime.safetensors_io import CudaStaging, read_safetensors_header, read_tensor, write_safetensors
 
 STORE_KIND = "s2edge-quantized"
 STORE_VERSION = 1  # bump when the meaning of stored tensors changes: older files are then rebuilt
@@ -87,13 +87,16 @@ def load_store(
     if reason:
         raise StaleStoreError(f"{path.name}: made from other source files ({reason})")
     modules: Modules = {}
+    device = torch.device(device)
+    staging = CudaStaging(device) if device.type == "cuda" else None  # reads straight into GPU memory
     for name, entry in layout.items():
         keys = [f"{name}.{suffix}" for suffix in entry["tensors"]]
         missing = [key for key in keys if key not in entries]
         if missing:
             raise StaleStoreError(f"{path.name}: tensor '{missing[0]}' is missing")
         try:
-            tensors = {suffix: read_tensor(entries[key]).to(device) for suffix, key in zip(entry["tensors"], keys)}
+            tensors = {suffix: read_tensor(entries[key], staging).to(device)
+                       for suffix, key in zip(entry["tensors"], keys)}
         except CheckpointError as e:
             raise StaleStoreError(f"unreadable pre-quantized file: {e}") from None
         modules[name] = (entry["format"], tensors)

@@ -17,7 +17,7 @@ import torch
 
 from runtime.config import ModelConfig, StackConfig, load_config
 from runtime.errors import CheckpointError
-from runtime.safetensors_io import TensorEntry, read_safetensors_header, read_tensor
+from runtime.safetensors_io import CudaStaging, TensorEntry, read_safetensors_header, read_tensor
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -83,8 +83,9 @@ class Checkpoint:
     def tokenizer_path(self) -> Path:
         return self.folder / "tokenizer.json"
 
-    def read(self, key: str) -> torch.Tensor:
-        return read_tensor(self.tensors[key])
+    def read(self, key: str, staging: CudaStaging | None = None) -> torch.Tensor:
+        """The tensor `key` on the CPU, or with `staging` on its GPU."""
+        return read_tensor(self.tensors[key], staging)
 
     def iter_tensors(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (runtime key, CPU tensor) one at a time, in file order so reads are sequential."""

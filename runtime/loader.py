@@ -26,6 +26,7 @@ from runtime.config import ModelConfig
 from runtime.errors import CheckpointError, InputError, ResourceError
 from runtime.meta import meta_device
 from runtime.model import DualAR
+from runtime.safetensors_io import CudaStaging
 from runtime.tokenizer import Tokenizer
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -158,6 +159,7 @@ def load_model(
             stored, _ = load_store(store, hashes, device)
         except StaleStoreError:
             stored = {}
+    staging = CudaStaging(device) if device.type == "cuda" else None  # reads straight into GPU memory
     try:
         for key in checkpoint.tensors:
             if key.endswith(SCALE_SUFFIX):
@@ -167,16 +169,17 @@ def load_model(
             if module_name in stored:
                 replace_linear(model, key, load_linear(*stored[module_name]))
             elif entry.dtype == torch.float8_e4m3fn:  # community s2-pro-fp8 layout: load as it is
-                scale = checkpoint.read(key + SCALE_SUFFIX).to(device)
-                replace_linear(model, key, load_linear("fp8", {"weight": checkpoint.read(key).to(device),
+                scale = checkpoint.read(key + SCALE_SUFFIX, staging).to(device)
+                replace_linear(model, key, load_linear("fp8", {"weight": checkpoint.read(key, staging).to(device),
                                                                "weight.scale": scale}))
             elif (fmt := linear_format(key, formats)) is not None:
-                weight = checkpoint.read(key).to(device=device, dtype=torch.bfloat16)
+                weight = checkpoint.read(key, staging).to(device=device, dtype=torch.bfloat16)
                 replace_linear(model, key, quantize_linear(weight, fmt))
                 del weight
+            elif embeddings_on_host and key == "embeddings.weight":
+                assign_parameter(model, key, checkpoint.read(key).to(dtype=dtype))
             else:
-                home = torch.device("cpu") if embeddings_on_host and key == "embeddings.weight" else device
-                assign_parameter(model, key, checkpoint.read(key).to(device=home, dtype=dtype))
+                assign_parameter(model, key, checkpoint.read(key, staging).to(device=device, dtype=dtype))
             if on_tensor is not None:
                 on_tensor(key, entry.nbytes)
         model.build_head()

@@ -133,3 +133,29 @@ def test_our_writer_is_readable_by_the_library(tmp_path):
         assert f.metadata() == {"format": "pt"}
         for k, t in tensors.items():
             assert torch.equal(f.get_tensor(k), t)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_staged_reads_land_on_the_gpu_bit_for_bit(tmp_path, monkeypatch):
+    """Reading through CudaStaging (chunks in turns through two pinned buffers; a chunk of 1 KiB here, so every
+    tensor but the empty one spans several and the buffers are reused) gives the CPU read's bytes on the GPU; a
+    truncated file is a short read."""
+    from runtime.safetensors_io import CudaStaging, read_safetensors_header, read_tensor
+
+    monkeypatch.setattr(CudaStaging, "CHUNK", 1024)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"empty": torch.zeros(0, 4, dtype=torch.bfloat16), "odd": torch.randn(3, 333, generator=gen),
+               "big": torch.randn(257, 1031, generator=gen).bfloat16(), "bytes": torch.randint(0, 255, (5001,),
+                                                                                                generator=gen).byte()}
+    path = tmp_path / "t.safetensors"
+    write_safetensors(path, [(k, tuple(t.shape), t.dtype) for k, t in tensors.items()], tensors.__getitem__)
+    entries, _ = read_safetensors_header(path)
+    staging = CudaStaging(torch.device("cuda"))
+    for key, tensor in tensors.items():
+        staged = read_tensor(entries[key], staging)
+        assert staged.is_cuda and staged.dtype == tensor.dtype and torch.equal(staged.cpu(), tensor), key
+        assert torch.equal(read_tensor(entries[key]), tensor), key
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="short read"):
+        read_tensor(entries["bytes"], staging)
