@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +31,8 @@ from runtime.engine import Generation, GenerationConfig, frame_budget, generate_
 from runtime.errors import InputError, ResourceError, S2EdgeError
 from runtime.eval_cli import evaluate
 from runtime.files import check_output
-from runtime.loader import DEFAULT_CACHE_DIR, PRECISIONS, WeightFormats, load_model, resolve_device, store_path
+from runtime.loader import (DEFAULT_CACHE_DIR, PRECISIONS, LoadedModel, WeightFormats, load_model, resolve_device,
+                            store_path)
 from runtime.plan_cli import plan
 from runtime.planner import LINEAR_FORMATS, PlanRequest, choose_plan, fallbacks
 from runtime.planner import PRECISIONS as PLAN_PRECISIONS
@@ -144,6 +146,9 @@ def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], full: bool
               show_default=True, help="Folder with config.json, tokenizer.json and the safetensors shards.")
 @click.option("--text", "-t", help="The text to speak.")
 @click.option("--text-file", type=click.Path(path_type=Path), help="Read the text to speak from a UTF-8 file.")
+@click.option("--each-line", is_flag=True,
+              help="Speak each non-empty line of the text as a take of its own, the model loaded once: the outputs "
+                   "are numbered (--codes-out takes.npy -o takes.mp3 -> takes-0001.npy, takes-0001.mp3, ...).")
 @click.option("--reference", "--reference-codes", "-r", "reference_paths", type=click.Path(path_type=Path),
               multiple=True,
               help="The voice to clone: a recording (wav, flac, ogg, mp3...; its first 30 s, encoded with --codec) "
@@ -192,6 +197,7 @@ def synthesize(
     checkpoint: Path,
     text: str | None,
     text_file: Path | None,
+    each_line: bool,
     reference_paths: tuple[Path, ...],
     reference_text: tuple[str, ...],
     full_reference: bool,
@@ -220,6 +226,8 @@ def synthesize(
     text = _read_text(text, text_file)
     check_output(codes_out)  # both outputs are written after the generation: refuse a bad one before it
     streaming = output == STDOUT
+    if streaming and each_line:
+        raise InputError("--each-line writes a file per line: give -o a file name such as takes.wav, not -")
     if streaming and sys.stdout.buffer.isatty():
         raise InputError("-o - writes WAV audio to standard output: pipe it to a player, e.g. "
                          "`| ffplay -nodisp -autoexit -` or `| aplay`")
@@ -266,55 +274,91 @@ def synthesize(
             torch.cuda.empty_cache()
     if loaded is None:
         raise ResourceError(f"no plan fits {target}: try --max-context smaller or another device")
-    model = loaded.model
-    batches = text_batches(text, chunk_length)
-    prompt = build_prompt(loaded.tokenizer, batches[0], references, model.config.num_codebooks)
-    frames = frame_budget(model, prompt.shape[1], config)
-    if frames < max_new_tokens:
-        click.echo(f"note: at most {frames} frames fit in --max-context {max_context} beside the "
-                   f"{prompt.shape[1]}-token prompt", err=True)
-    if target.type == "cuda" and kernels_supported(target) and compile_cache_empty():
-        click.echo("note: Triton's kernel cache is empty: the first frame compiles the GPU kernels (once per machine; "
-                   "15-22 s on an H100 or H200 host, longer on slower CPUs)", err=True)
-    streamer = None
-    if streaming:  # the codec loads before the generation, so that audio comes out while it runs
-        codec = open_codec(codec_file, codec_arch, device, "auto", with_encoder=False)
-        streamer = BackgroundDecoder(codec, WavPipe(sys.stdout.buffer, codec.config.sample_rate).write)
-    start = time.perf_counter()
-    finished: list[Generation] = []
-    try:
-        with click.progressbar(length=frames * len(batches), label="generating", file=sys.stderr) as bar:
-            long = generate_batches(model, loaded.tokenizer, batches, references, config,
-                                    on_frame=lambda _i: bar.update(1), on_batch=finished.append,
-                                    on_codes=None if streamer is None else streamer.push)
-        if streamer is not None:
-            streamer.close()  # the last pieces' audio
-    except BaseException:  # Ctrl-C, out of memory, anything: keep the batches of a long text already spoken
-        if finished:
-            partial = torch.cat([g.codes for g in finished], dim=1)
-            save_codes(codes_out, partial.numpy())
-            click.echo(f"stopped in text batch {len(finished) + 1} of {len(batches)}: the {len(finished)} before it "
-                       f"({partial.shape[1]} frames) are in {codes_out}", err=True)
-        raise
-    elapsed = time.perf_counter() - start
-    result = long.batches[0]
-    codes = long.codes
-    save_codes(codes_out, codes.numpy())
-    n = codes.shape[1]
-    budget_hit = sum(not r.stopped for r in long.batches)
-    ending = "stopped at <|im_end|>" if not budget_hit else f"frame budget reached in {budget_hit} of {len(batches)}"
-    if len(batches) > 1:
-        ending += f"; {len(batches)} text batches"
-    if output is not None and not streaming:
-        codec = open_codec(codec_file, codec_arch, device, "auto", with_encoder=False)
-        decode_to_file(codes, codec, output)
-        click.echo(f"wrote {output}")
-    click.echo(
-        f"wrote {codes_out}: codes [{codes.shape[0]}, {n}] = {n / FRAME_RATE:.2f} s of audio; "
-        f"{ending}; prompt {result.prompt_tokens} tokens; {n / max(elapsed, 1e-9):.1f} frames/s on {target}",
-        err=streaming,  # standard output carries the audio
-    )
+    speaker = Speaker(loaded, references, config, chunk_length, target,
+                      lambda: open_codec(codec_file, codec_arch, device, "auto", with_encoder=False))
+    if not each_line:
+        speaker.speak(text, codes_out, output, streaming)
+        return
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for i, line in enumerate(lines, 1):
+        click.echo(f"take {i} of {len(lines)}: {line[:60]}", err=True)
+        speaker.speak(line, numbered(codes_out, i), None if output is None else numbered(output, i), False)
 
+
+def numbered(path: Path, i: int) -> Path:
+    """The i-th take's file for --each-line: takes.mp3 -> takes-0001.mp3."""
+    return path.with_name(f"{path.stem}-{i:04d}{path.suffix}")
+
+
+@dataclass
+class Speaker:
+    """What the takes of one synthesize command share: the loaded model, the references, the generation settings,
+    and the decode-only codec (loaded at its first use, then kept)."""
+
+    loaded: LoadedModel
+    references: list[Reference]
+    config: GenerationConfig
+    chunk_length: int
+    target: torch.device
+    open_decoder: Callable[[], Codec]
+    decoder: Codec | None = None
+
+    def codec(self) -> Codec:
+        if self.decoder is None:
+            self.decoder = self.open_decoder()
+        return self.decoder
+
+    def speak(self, text: str, codes_out: Path, output: Path | None, streaming: bool) -> None:
+        """Generate `text` (in batches, long text), write its codes and, with `output`, its audio (`-` streams)."""
+        model, config, loaded, references, target = (self.loaded.model, self.config, self.loaded, self.references,
+                                                     self.target)
+        batches = text_batches(text, self.chunk_length)
+        prompt = build_prompt(loaded.tokenizer, batches[0], references, model.config.num_codebooks)
+        frames = frame_budget(model, prompt.shape[1], config)
+        if frames < config.max_new_tokens:
+            click.echo(f"note: at most {frames} frames fit in --max-context {config.max_context} beside the "
+                       f"{prompt.shape[1]}-token prompt", err=True)
+        if target.type == "cuda" and kernels_supported(target) and compile_cache_empty():
+            click.echo("note: Triton's kernel cache is empty: the first frame compiles the GPU kernels (once per "
+                       "machine; 15-22 s on an H100 or H200 host, longer on slower CPUs)", err=True)
+        streamer = None
+        if streaming:  # the codec loads before the generation, so that audio comes out while it runs
+            codec = self.codec()
+            streamer = BackgroundDecoder(codec, WavPipe(sys.stdout.buffer, codec.config.sample_rate).write)
+        start = time.perf_counter()
+        finished: list[Generation] = []
+        try:
+            with click.progressbar(length=frames * len(batches), label="generating", file=sys.stderr) as bar:
+                long = generate_batches(model, loaded.tokenizer, batches, references, config,
+                                        on_frame=lambda _i: bar.update(1), on_batch=finished.append,
+                                        on_codes=None if streamer is None else streamer.push)
+            if streamer is not None:
+                streamer.close()  # the last pieces' audio
+        except BaseException:  # Ctrl-C, out of memory, anything: keep the batches of a long text already spoken
+            if finished:
+                partial = torch.cat([g.codes for g in finished], dim=1)
+                save_codes(codes_out, partial.numpy())
+                click.echo(f"stopped in text batch {len(finished) + 1} of {len(batches)}: the {len(finished)} before "
+                           f"it ({partial.shape[1]} frames) are in {codes_out}", err=True)
+            raise
+        elapsed = time.perf_counter() - start
+        result = long.batches[0]
+        codes = long.codes
+        save_codes(codes_out, codes.numpy())
+        n = codes.shape[1]
+        budget_hit = sum(not r.stopped for r in long.batches)
+        ending = ("stopped at <|im_end|>" if not budget_hit
+                  else f"frame budget reached in {budget_hit} of {len(batches)}")
+        if len(batches) > 1:
+            ending += f"; {len(batches)} text batches"
+        if output is not None and not streaming:
+            decode_to_file(codes, self.codec(), output)
+            click.echo(f"wrote {output}")
+        click.echo(
+            f"wrote {codes_out}: codes [{codes.shape[0]}, {n}] = {n / FRAME_RATE:.2f} s of audio; "
+            f"{ending}; prompt {result.prompt_tokens} tokens; {n / max(elapsed, 1e-9):.1f} frames/s on {target}",
+            err=streaming,  # standard output carries the audio
+        )
 
 
 @main.command()

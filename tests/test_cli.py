@@ -67,6 +67,41 @@ def test_synthesize_speaks_long_text_in_batches(tiny_checkpoint, tmp_path):
     assert np.load(tmp_path / "long.npy").shape[0] == 10
 
 
+def test_each_line_is_a_take_of_its_own_from_one_load(tiny_checkpoint, tmp_path, monkeypatch):
+    """--each-line: every non-empty line is spoken as a separate run of it would be (greedy, same seed), into
+    numbered files, with the model loaded once and the decode-only codec loaded once."""
+    from runtime import cli
+    from runtime.codec import CodecConfig
+    from runtime.synthetic_codec import write_synthetic_codec
+
+    codec = write_synthetic_codec(tmp_path / "codec.pth", CodecConfig.load("tiny"))
+    (tmp_path / "lines.txt").write_text("First line here.\n\n  Second, a little longer line.  \nThird.\n")
+    loads, opens = [], []
+    real_load, real_open = cli.load_model, cli.open_codec
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    monkeypatch.setattr(cli, "open_codec", lambda *a, **k: opens.append(1) or real_open(*a, **k))
+    out = tmp_path / "takes"
+
+    def from_file(codes, *extra):
+        return run("synthesize", "-c", tiny_checkpoint, "--text-file", tmp_path / "lines.txt", "--each-line",
+                   "--top-k", "1", "--precision", "fp32", "--device", "cpu", "--max-new-tokens", "40",
+                   "--codes-out", codes, *extra)
+
+    result = from_file(out / "take.npy", "-o", out / "take.flac", "--codec", codec, "--seed", "0")
+    assert result.exit_code == 0, result.output
+    assert loads == [1] and opens == [1]
+    assert sorted(p.name for p in out.iterdir()) == [f"take-000{i}.{ext}" for i in (1, 2, 3) for ext in ("flac", "npy")]
+    for i, line in enumerate(["First line here.", "Second, a little longer line.", "Third."], 1):
+        alone = run("synthesize", "-c", tiny_checkpoint, "--text", line, "--top-k", "1", "--precision", "fp32",
+                    "--device", "cpu", "--max-new-tokens", "40", "--codes-out", tmp_path / f"alone{i}.npy",
+                    "--seed", "0")
+        assert alone.exit_code == 0, alone.output
+        assert np.array_equal(np.load(out / f"take-000{i}.npy"), np.load(tmp_path / f"alone{i}.npy")), line
+    assert not np.array_equal(np.load(out / "take-0001.npy"), np.load(out / "take-0002.npy"))  # the lines differ
+    streamed = from_file(out / "x.npy", "-o", "-")
+    assert streamed.exit_code == 2 and "--each-line writes a file per line" in streamed.stderr
+
+
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, MemoryError])
 def test_a_long_text_stopped_midway_keeps_the_batches_spoken(tiny_checkpoint, tmp_path, monkeypatch, failure):
     """Ctrl-C or an error in batch 3 of 3: the codes of batches 1-2 are written, as the whole run wrote them, and
