@@ -67,9 +67,12 @@ def test_synthesize_speaks_long_text_in_batches(tiny_checkpoint, tmp_path):
     assert np.load(tmp_path / "long.npy").shape[0] == 10
 
 
-def test_each_line_is_a_take_of_its_own_from_one_load(tiny_checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_each_line_is_a_take_of_its_own_from_one_load(device, tiny_checkpoint, tmp_path, monkeypatch):
     """--each-line: every non-empty line is spoken as a separate run of it would be (greedy, same seed), into
-    numbered files, with the model loaded once and the decode-only codec loaded once."""
+    numbered files, with the model loaded once and the decode-only codec loaded once (on a GPU: the CUDA graph of
+    the first take replayed by the others)."""
     from runtime import cli
     from runtime.codec import CodecConfig
     from runtime.synthetic_codec import write_synthetic_codec
@@ -80,11 +83,11 @@ def test_each_line_is_a_take_of_its_own_from_one_load(tiny_checkpoint, tmp_path,
     real_load, real_open = cli.load_model, cli.open_codec
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
     monkeypatch.setattr(cli, "open_codec", lambda *a, **k: opens.append(1) or real_open(*a, **k))
-    out = tmp_path / "takes"
+    out, precision = tmp_path / "takes", "fp32" if device == "cpu" else "bf16"
 
     def from_file(codes, *extra):
         return run("synthesize", "-c", tiny_checkpoint, "--text-file", tmp_path / "lines.txt", "--each-line",
-                   "--top-k", "1", "--precision", "fp32", "--device", "cpu", "--max-new-tokens", "40",
+                   "--top-k", "1", "--precision", precision, "--device", device, "--max-new-tokens", "40",
                    "--codes-out", codes, *extra)
 
     result = from_file(out / "take.npy", "-o", out / "take.flac", "--codec", codec, "--seed", "0")
@@ -92,8 +95,8 @@ def test_each_line_is_a_take_of_its_own_from_one_load(tiny_checkpoint, tmp_path,
     assert loads == [1] and opens == [1]
     assert sorted(p.name for p in out.iterdir()) == [f"take-000{i}.{ext}" for i in (1, 2, 3) for ext in ("flac", "npy")]
     for i, line in enumerate(["First line here.", "Second, a little longer line.", "Third."], 1):
-        alone = run("synthesize", "-c", tiny_checkpoint, "--text", line, "--top-k", "1", "--precision", "fp32",
-                    "--device", "cpu", "--max-new-tokens", "40", "--codes-out", tmp_path / f"alone{i}.npy",
+        alone = run("synthesize", "-c", tiny_checkpoint, "--text", line, "--top-k", "1", "--precision", precision,
+                    "--device", device, "--max-new-tokens", "40", "--codes-out", tmp_path / f"alone{i}.npy",
                     "--seed", "0")
         assert alone.exit_code == 0, alone.output
         assert np.array_equal(np.load(out / f"take-000{i}.npy"), np.load(tmp_path / f"alone{i}.npy")), line
