@@ -9,7 +9,6 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -17,28 +16,26 @@ import click
 import numpy as np
 import torch
 
-from quant.kernels import compile_cache_empty, kernels_supported
 from quant.kernels.choices import KERNEL_CHOICES, remember_in
 from runtime import __version__
-from runtime.audio import FRAME_RATE, WavPipe, check_audio_output
+from runtime.audio import check_audio_output
 from runtime.checkpoint import expected_shapes, open_checkpoint, validate
-from runtime.codec import Codec, CodecConfig, decode_to_file
+from runtime.codec import Codec, CodecConfig
 from runtime.codec_cli import (CODEC_CONFIG_HELP, codec_config, decode, encode, holds_codes, load_codes, open_codec,
-                               read_reference_audio, save_codes)
+                               read_reference_audio)
 from runtime.config import bundled_config
 from runtime.devices import detect_device, parse_size, use_expandable_segments
-from runtime.engine import Generation, GenerationConfig, frame_budget, generate_batches
+from runtime.engine import GenerationConfig
 from runtime.errors import InputError, ResourceError, S2EdgeError
 from runtime.eval_cli import evaluate
 from runtime.files import check_output
-from runtime.loader import (DEFAULT_CACHE_DIR, PRECISIONS, LoadedModel, WeightFormats, load_model, resolve_device,
-                            store_path)
+from runtime.loader import DEFAULT_CACHE_DIR, PRECISIONS, WeightFormats, load_model, resolve_device, store_path
 from runtime.plan_cli import plan
 from runtime.planner import LINEAR_FORMATS, PlanRequest, choose_plan, fallbacks
 from runtime.planner import PRECISIONS as PLAN_PRECISIONS
-from runtime.prompt import Reference, build_prompt, check_codes, text_batches
+from runtime.prompt import Reference, check_codes
 from runtime.sampling import SamplingParams
-from runtime.stream_out import BackgroundDecoder
+from runtime.speaker import Speaker, numbered
 from runtime.synthetic import write_checkpoint
 from runtime.synthetic_codec import write_synthetic_codec
 from runtime.voice_cli import voice, voices_dir_option
@@ -283,82 +280,6 @@ def synthesize(
     for i, line in enumerate(lines, 1):
         click.echo(f"take {i} of {len(lines)}: {line[:60]}", err=True)
         speaker.speak(line, numbered(codes_out, i), None if output is None else numbered(output, i), False)
-
-
-def numbered(path: Path, i: int) -> Path:
-    """The i-th take's file for --each-line: takes.mp3 -> takes-0001.mp3."""
-    return path.with_name(f"{path.stem}-{i:04d}{path.suffix}")
-
-
-@dataclass
-class Speaker:
-    """What the takes of one synthesize command share: the loaded model, the references, the generation settings,
-    and the decode-only codec (loaded at its first use, then kept)."""
-
-    loaded: LoadedModel
-    references: list[Reference]
-    config: GenerationConfig
-    chunk_length: int
-    target: torch.device
-    open_decoder: Callable[[], Codec]
-    decoder: Codec | None = None
-
-    def codec(self) -> Codec:
-        if self.decoder is None:
-            self.decoder = self.open_decoder()
-        return self.decoder
-
-    def speak(self, text: str, codes_out: Path, output: Path | None, streaming: bool) -> None:
-        """Generate `text` (in batches, long text), write its codes and, with `output`, its audio (`-` streams)."""
-        model, config, loaded, references, target = (self.loaded.model, self.config, self.loaded, self.references,
-                                                     self.target)
-        batches = text_batches(text, self.chunk_length)
-        prompt = build_prompt(loaded.tokenizer, batches[0], references, model.config.num_codebooks)
-        frames = frame_budget(model, prompt.shape[1], config)
-        if frames < config.max_new_tokens:
-            click.echo(f"note: at most {frames} frames fit in --max-context {config.max_context} beside the "
-                       f"{prompt.shape[1]}-token prompt", err=True)
-        if target.type == "cuda" and kernels_supported(target) and compile_cache_empty():
-            click.echo("note: Triton's kernel cache is empty: the first frame compiles the GPU kernels (once per "
-                       "machine; 15-22 s on an H100 or H200 host, longer on slower CPUs)", err=True)
-        streamer = None
-        if streaming:  # the codec loads before the generation, so that audio comes out while it runs
-            codec = self.codec()
-            streamer = BackgroundDecoder(codec, WavPipe(sys.stdout.buffer, codec.config.sample_rate).write)
-        start = time.perf_counter()
-        finished: list[Generation] = []
-        try:
-            with click.progressbar(length=frames * len(batches), label="generating", file=sys.stderr) as bar:
-                long = generate_batches(model, loaded.tokenizer, batches, references, config,
-                                        on_frame=lambda _i: bar.update(1), on_batch=finished.append,
-                                        on_codes=None if streamer is None else streamer.push)
-            if streamer is not None:
-                streamer.close()  # the last pieces' audio
-        except BaseException:  # Ctrl-C, out of memory, anything: keep the batches of a long text already spoken
-            if finished:
-                partial = torch.cat([g.codes for g in finished], dim=1)
-                save_codes(codes_out, partial.numpy())
-                click.echo(f"stopped in text batch {len(finished) + 1} of {len(batches)}: the {len(finished)} before "
-                           f"it ({partial.shape[1]} frames) are in {codes_out}", err=True)
-            raise
-        elapsed = time.perf_counter() - start
-        result = long.batches[0]
-        codes = long.codes
-        save_codes(codes_out, codes.numpy())
-        n = codes.shape[1]
-        budget_hit = sum(not r.stopped for r in long.batches)
-        ending = ("stopped at <|im_end|>" if not budget_hit
-                  else f"frame budget reached in {budget_hit} of {len(batches)}")
-        if len(batches) > 1:
-            ending += f"; {len(batches)} text batches"
-        if output is not None and not streaming:
-            decode_to_file(codes, self.codec(), output)
-            click.echo(f"wrote {output}")
-        click.echo(
-            f"wrote {codes_out}: codes [{codes.shape[0]}, {n}] = {n / FRAME_RATE:.2f} s of audio; "
-            f"{ending}; prompt {result.prompt_tokens} tokens; {n / max(elapsed, 1e-9):.1f} frames/s on {target}",
-            err=streaming,  # standard output carries the audio
-        )
 
 
 @main.command()

@@ -35,11 +35,11 @@ def test_synthesize_is_deterministic_with_top_k_1(tiny_checkpoint, tmp_path):
 
 
 def test_no_cuda_graph_flag_reaches_the_generation_config(tiny_checkpoint, tmp_path, monkeypatch):
-    from runtime import cli
+    from runtime import speaker
 
     seen = []
-    real = cli.generate_batches
-    monkeypatch.setattr(cli, "generate_batches", lambda *a, **k: seen.append(a[4].cuda_graph) or real(*a, **k))
+    real = speaker.generate_batches
+    monkeypatch.setattr(speaker, "generate_batches", lambda *a, **k: seen.append(a[4].cuda_graph) or real(*a, **k))
     assert synth(tiny_checkpoint, tmp_path / "a.npy").exit_code == 0
     assert synth(tiny_checkpoint, tmp_path / "b.npy", "--no-cuda-graph").exit_code == 0
     assert seen == [True, False]
