@@ -109,8 +109,9 @@ def _read_into(f, view) -> int:
 class CudaStaging:
     """Tensors read from disk into GPU memory through two pinned host buffers of CHUNK bytes, taken in turns: the read
     of one chunk overlaps the copy of the one before. A pageable tensor's `.to("cuda")` copies synchronously through
-    the driver's own staging, after the whole read: the bf16 checkpoint loaded at 1.3 GB/s from the page cache
-    (benchmarks/results/cli-wall-*.md). Holds 2 x CHUNK of pinned host memory while it lives."""
+    the driver's own staging, after the whole read: the bf16 checkpoint loaded at 1.0-1.3 GB/s from the page cache
+    that way, and at 6.7 GB/s this way (H100; benchmarks/results/load-bf16-*.md, cli-wall-*.md). Holds 2 x CHUNK of
+    pinned host memory while it lives."""
 
     CHUNK = 32 * 2**20
 
