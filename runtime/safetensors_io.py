@@ -4,7 +4,8 @@ Headers are parsed here (8-byte little-endian length + JSON) rather than through
 that (a) a truncated file is named before anything is loaded, (b) each tensor is read with one positioned
 `readinto` into a buffer of its own size (or, bound for a GPU, through two pinned 32 MiB buffers): no mmap, so the
 process never maps a 5 GB shard and resident memory stays near one tensor above what the caller keeps, and (c) a
-writer can stream tensors it produces one by one. The files are standard safetensors: the library reads what we write and we read what it writes.
+writer can stream tensors it produces one by one. The files are standard safetensors: the library reads what we
+write and we read what it writes.
 """
 
 from __future__ import annotations
