@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from runtime.errors import CheckpointError
-from runtime.safetensors_io import CudaStaging, read_safetensors_header, read_tensor, write_safetensors
+from runtime.safetensors_io import cuda_staging, read_safetensors_header, read_tensor, write_safetensors
 
 STORE_KIND = "s2edge-quantized"
 STORE_VERSION = 1  # bump when the meaning of stored tensors changes: older files are then rebuilt
@@ -87,8 +87,7 @@ def load_store(
     if reason:
         raise StaleStoreError(f"{path.name}: made from other source files ({reason})")
     modules: Modules = {}
-    device = torch.device(device)
-    staging = CudaStaging(device) if device.type == "cuda" else None  # reads straight into GPU memory
+    staging = cuda_staging(torch.device(device))  # reads straight into GPU memory
     for name, entry in layout.items():
         keys = [f"{name}.{suffix}" for suffix in entry["tensors"]]
         missing = [key for key in keys if key not in entries]

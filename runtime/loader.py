@@ -26,7 +26,7 @@ from runtime.config import ModelConfig
 from runtime.errors import CheckpointError, InputError, ResourceError
 from runtime.meta import meta_device
 from runtime.model import DualAR
-from runtime.safetensors_io import CudaStaging
+from runtime.safetensors_io import cuda_staging
 from runtime.tokenizer import Tokenizer
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -159,7 +159,7 @@ def load_model(
             stored, _ = load_store(store, hashes, device)
         except StaleStoreError:
             stored = {}
-    staging = CudaStaging(device) if device.type == "cuda" else None  # reads straight into GPU memory
+    staging = cuda_staging(device)  # reads straight into GPU memory
     try:
         for key in checkpoint.tensors:
             if key.endswith(SCALE_SUFFIX):

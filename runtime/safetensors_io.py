@@ -99,6 +99,17 @@ def read_tensor(entry: TensorEntry, staging: CudaStaging | None = None) -> torch
     return data.view(entry.dtype).reshape(entry.shape)
 
 
+def cuda_staging(device: torch.device) -> CudaStaging | None:
+    """Staging for reads bound for `device`, or None (read through pageable memory) where it is no GPU or the pinned
+    buffers cannot be had: some hosts cap page-locked memory (WSL among them), and loading must not fail for it."""
+    if device.type != "cuda":
+        return None
+    try:
+        return CudaStaging(device)
+    except RuntimeError:
+        return None
+
+
 def _read_into(f, view) -> int:
     """readinto until `view` is full or the file ends (a raw read may return less than asked)."""
     done = 0

@@ -159,3 +159,17 @@ def test_staged_reads_land_on_the_gpu_bit_for_bit(tmp_path, monkeypatch):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="short read"):
         read_tensor(entries["bytes"], staging)
+
+
+def test_no_pinned_memory_means_pageable_reads(monkeypatch):
+    """Reads bound for a GPU go through pinned buffers only where they can be had: on the CPU, or when the host
+    refuses page-locked memory, there is no staging (the loader then reads as for the CPU and copies)."""
+    from runtime import safetensors_io
+
+    assert safetensors_io.cuda_staging(torch.device("cpu")) is None
+
+    def refuse(self, device):
+        raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+
+    monkeypatch.setattr(safetensors_io.CudaStaging, "__init__", refuse)
+    assert safetensors_io.cuda_staging(torch.device("cuda")) is None
