@@ -51,10 +51,9 @@ class Speaker:
 
     def speak(self, text: str, codes_out: Path, output: Path | None, streaming: bool) -> None:
         """Generate `text` (in batches, long text), write its codes and, with `output`, its audio (`-` streams)."""
-        model, config, loaded, references, target = (self.loaded.model, self.config, self.loaded, self.references,
-                                                     self.target)
+        model, tokenizer, config, target = self.loaded.model, self.loaded.tokenizer, self.config, self.target
         batches = text_batches(text, self.chunk_length)
-        prompt = build_prompt(loaded.tokenizer, batches[0], references, model.config.num_codebooks)
+        prompt = build_prompt(tokenizer, batches[0], self.references, model.config.num_codebooks)
         frames = frame_budget(model, prompt.shape[1], config)
         if frames < config.max_new_tokens:
             click.echo(f"note: at most {frames} frames fit in --max-context {config.max_context} beside the "
@@ -70,7 +69,7 @@ class Speaker:
         finished: list[Generation] = []
         try:
             with click.progressbar(length=frames * len(batches), label="generating", file=sys.stderr) as bar:
-                long = generate_batches(model, loaded.tokenizer, batches, references, config,
+                long = generate_batches(model, tokenizer, batches, self.references, config,
                                         on_frame=lambda _i: bar.update(1), on_batch=finished.append,
                                         on_codes=None if streamer is None else streamer.push)
             if streamer is not None:
