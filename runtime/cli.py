@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -21,10 +22,11 @@ from runtime import __version__
 from runtime.audio import check_audio_output
 from runtime.checkpoint import expected_shapes, open_checkpoint, validate
 from runtime.codec import Codec, CodecConfig
-from runtime.codec_cli import (CODEC_CONFIG_HELP, codec_config, decode, encode, holds_codes, load_codes, open_codec,
-                               read_reference_audio)
+from runtime.codec_cli import (CODEC_CONFIG_HELP, codec_config, codec_dtype, decode, encode, holds_codes, load_codes,
+                               open_codec, read_reference_audio)
 from runtime.config import bundled_config
 from runtime.devices import detect_device, parse_size, use_expandable_segments
+from runtime.encoded_cache import EncodedCache
 from runtime.engine import GenerationConfig
 from runtime.errors import InputError, ResourceError, S2EdgeError
 from runtime.eval_cli import evaluate
@@ -112,9 +114,10 @@ def _read_text(text: str | None, text_file: Path | None) -> str:
 
 
 def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], full: bool, num_codebooks: int, size: int,
-                     open_encoder: Callable[[], Codec]) -> list[Reference]:
-    """--reference in order: codes files as they are, recordings encoded with the codec (loaded once, freed before
-    the model loads). Every file is read and checked before the codec loads."""
+                     open_encoder: Callable[[], Codec], cache: EncodedCache | None) -> list[Reference]:
+    """--reference in order: codes files as they are, recordings from `cache` (None only where no recording is
+    given) or encoded with the codec (loaded once, only if one is missing, and freed before the model loads). Every
+    file is read and checked before the codec loads."""
     if len(paths) != len(texts):
         raise InputError(f"{len(paths)} --reference but {len(texts)} --reference-text: give one transcript per "
                          f"reference")
@@ -124,18 +127,41 @@ def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], full: bool
     inputs = [check_codes(load_codes(path), num_codebooks, size, what=str(path)) if holds_codes(path)
               else read_reference_audio(path, full) for path in paths]
     recordings = [i for i, item in enumerate(inputs) if isinstance(item, np.ndarray)]  # samples, to be encoded
-    if recordings:
-        codec = open_encoder()
-        for i in recordings:
-            start = time.perf_counter()
-            codes = codec.encode(inputs[i]).cpu().numpy()
-            click.echo(f"encoded {paths[i]} ({inputs[i].size / codec.config.sample_rate:.1f} s) in "
-                       f"{time.perf_counter() - start:.2f} s; `s2edge voice add` keeps it encoded", err=True)
-            inputs[i] = check_codes(codes, num_codebooks, size, what=f"{paths[i]} (encoded)")
+    kept = {i: codes for i in recordings if (codes := cache.get(inputs[i])) is not None}
+    codec = open_encoder() if len(kept) < len(recordings) else None
+    for i in recordings:
+        samples, what = inputs[i], f"{paths[i]} (encoded)"
+        if i in kept:
+            inputs[i] = check_codes(kept[i], num_codebooks, size, what=what)
+            click.echo(f"{paths[i]}: codes encoded on an earlier run, from the cache", err=True)
+            continue
+        start = time.perf_counter()
+        codes = codec.encode(samples).cpu().numpy()
+        click.echo(f"encoded {paths[i]} ({samples.size / codec.config.sample_rate:.1f} s) in "
+                   f"{time.perf_counter() - start:.2f} s; kept in the cache for later runs", err=True)
+        inputs[i] = check_codes(codes, num_codebooks, size, what=what)
+        if (warning := cache.put(samples, codes)) is not None:
+            click.echo(f"warning: {warning}", err=True)
+    if codec is not None:
         del codec
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the plan measures free memory next
     return [Reference(codes, text) for codes, text in zip(inputs, texts)]
+
+
+def _beside_the_load(open_decoder: Callable[[], Codec]) -> Future[Codec]:
+    """The decode-only codec, loaded and warmed up on a thread of its own while the model loads (its bytes are in
+    the plan): a GPU's first decode in a process loads libraries and kernels, which otherwise came after the
+    frames (0.4-0.8 s on an H100: benchmarks/results/cli-wall-*.md)."""
+    def prepare() -> Codec:
+        codec = open_decoder()
+        codec.warm_up()
+        return codec
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="s2edge-codec")
+    future = pool.submit(prepare)
+    pool.shutdown(wait=False)  # returns now; the thread ends once the codec is ready
+    return future
 
 
 @main.command()
@@ -185,9 +211,10 @@ def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], full: bool
               help="KV-cache tokens the plan reserves (prompt + generated frames).")
 @click.option("--vram-budget", default=None, help="Use at most this much GPU memory, e.g. 8GB.")
 @click.option("--force", is_flag=True, help="Take a forced --precision even if it is predicted not to fit.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE_DIR,
-              show_default=True, help="Where quantized weights and the GPU kernels' timed choices are saved once "
-                                      "and reused on later runs.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE_DIR, show_default=True,
+              envvar="S2EDGE_CACHE", help="Where quantized weights, the GPU kernels' timed choices and encoded "
+                                          "--reference recordings are saved once and reused on later runs (or set "
+                                          "S2EDGE_CACHE).")
 @click.option("--no-cuda-graph", is_flag=True,
               help="On a GPU, decode frame by frame eagerly instead of replaying one captured CUDA graph per frame.")
 def synthesize(
@@ -244,13 +271,17 @@ def synthesize(
     codec_arch = codec_config(config_name, codec_file) if needs_codec else None  # fails before any work
     references += _read_references(
         reference_paths, reference_text, full_reference, header.config.num_codebooks, header.config.codebook_size,
-        lambda: open_codec(codec_file, codec_arch, device, "auto", with_encoder=True)
+        lambda: open_codec(codec_file, codec_arch, device, "auto", with_encoder=True),
+        EncodedCache.for_codec(cache_dir, codec_file, target, codec_dtype(target, "auto")) if needs_codec else None,
     )
     request = PlanRequest(precision, fast_ar_precision, max_context,
                           None if vram_budget is None else parse_size(vram_budget), force)
     choice = choose_plan(header.config, detect_device(target), request)
     if choice.warning:
         click.echo(f"warning: {choice.warning}", err=True)
+    open_decoder = lambda: open_codec(codec_file, codec_arch, device, "auto", with_encoder=False)  # noqa: E731
+    if output is not None and target.type == "cuda":
+        open_decoder = _beside_the_load(open_decoder).result
     loaded = None
     for chosen in (choice.plan, *fallbacks(choice)):
         formats = WeightFormats(chosen.slow_format, chosen.fast_format)
@@ -271,8 +302,7 @@ def synthesize(
             torch.cuda.empty_cache()
     if loaded is None:
         raise ResourceError(f"no plan fits {target}: try --max-context smaller or another device")
-    speaker = Speaker(loaded, references, config, chunk_length, target,
-                      lambda: open_codec(codec_file, codec_arch, device, "auto", with_encoder=False))
+    speaker = Speaker(loaded, references, config, chunk_length, target, open_decoder)
     if not each_line:
         speaker.speak(text, codes_out, output, streaming)
         return

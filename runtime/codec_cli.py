@@ -51,11 +51,14 @@ def codec_config(name: str, codec_path: Path) -> CodecConfig:
     return config
 
 
+def codec_dtype(target: torch.device, precision: str) -> torch.dtype:
+    """--precision of the codec: auto is bf16 on a GPU and fp32 on the CPU."""
+    return PRECISIONS["bf16" if target.type == "cuda" else "fp32"] if precision == "auto" else PRECISIONS[precision]
+
+
 def open_codec(codec_path: Path, config: CodecConfig, device: str, precision: str, with_encoder: bool) -> Codec:
     target = resolve_device(device)
-    if precision == "auto":
-        precision = "bf16" if target.type == "cuda" else "fp32"
-    return load_codec(codec_path, config, target, PRECISIONS[precision], with_encoder)
+    return load_codec(codec_path, config, target, codec_dtype(target, precision), with_encoder)
 
 
 def save_codes(path: Path, codes: np.ndarray) -> None:

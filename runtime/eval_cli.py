@@ -130,8 +130,9 @@ def replay_all(model, takes: list[tuple[torch.Tensor, torch.Tensor]], label: str
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--reference-device", help="Run the bf16 reference here instead, e.g. cpu where bf16 does not fit the "
                                           "GPU (about 9 GB of host RAM; minutes). [default: --device]")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE_DIR,
-              show_default=True, help="Pre-quantized weights and kernel choices, shared with `synthesize`.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE_DIR, show_default=True,
+              envvar="S2EDGE_CACHE", help="Pre-quantized weights and kernel choices, shared with `synthesize` (or set "
+                                          "S2EDGE_CACHE).")
 @click.option("--report", type=click.Path(path_type=Path), help="Also write the tables here (markdown).")
 def evaluate(checkpoint: Path, modes: str | None, texts: tuple[str, ...], voices: tuple[str, ...], voices_dir: Path,
              takes: int | None, frames: int | None, audio: bool, codec_path: Path | None, codec_config_name: str,

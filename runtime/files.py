@@ -1,8 +1,10 @@
-"""Atomic file output: a crash or a full disk never leaves a half-written file behind."""
+"""Atomic file output (a crash or a full disk never leaves a half-written file behind), output checks, and a cheap
+fingerprint of an input file."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -52,6 +54,15 @@ def check_output(path: Path, suffixes: tuple[str, ...] = ()) -> None:
             pass
     except OSError as e:
         raise InputError(f"cannot write {path}: {e.strerror or e} in {folder}") from None
+
+
+def file_fingerprint(path: Path) -> str:
+    """Size, modification time and a digest of the first MiB: changes whenever a file is replaced or rewritten,
+    without reading gigabytes on every start."""
+    stat = path.stat()
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{hashlib.sha256(head).hexdigest()[:16]}"
 
 
 def _new_file_mode() -> int:

@@ -10,7 +10,6 @@ reloaded from it on later starts without touching the bf16 weights.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from quant.store import StaleStoreError, load_store, save_store
 from runtime.checkpoint import Checkpoint, open_checkpoint, validate
 from runtime.config import ModelConfig
 from runtime.errors import CheckpointError, InputError, ResourceError
+from runtime.files import file_fingerprint
 from runtime.meta import meta_device
 from runtime.model import DualAR
 from runtime.safetensors_io import cuda_staging
@@ -55,13 +55,7 @@ def linear_format(key: str, formats: WeightFormats) -> str | None:
 
 def source_hashes(checkpoint: Checkpoint) -> dict[str, str]:
     """A cheap fingerprint per shard (size, mtime and header digest): rebuild the store when a shard changes."""
-    hashes = {}
-    for shard in checkpoint.shards:
-        stat = shard.stat()
-        with open(shard, "rb") as f:
-            head = f.read(1 << 20)
-        hashes[shard.name] = f"{stat.st_size}:{stat.st_mtime_ns}:{hashlib.sha256(head).hexdigest()[:16]}"
-    return hashes
+    return {shard.name: file_fingerprint(shard) for shard in checkpoint.shards}
 
 
 @dataclass
@@ -120,7 +114,7 @@ def quantized_modules(model: nn.Module) -> dict[str, tuple[str, dict[str, torch.
     return {name: (m.format, m.stored_tensors()) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "s2edge"  # pre-quantized weights (--cache-dir)
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "s2edge"  # --cache-dir, S2EDGE_CACHE: quantized weights and more
 
 
 def store_path(cache_dir: Path, checkpoint: Path, formats: WeightFormats) -> Path:

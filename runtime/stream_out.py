@@ -72,8 +72,7 @@ class BackgroundDecoder:
 
     def _decode_all(self) -> None:
         with torch.inference_mode(), (torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()):
-            self._guarded(lambda: DecodeStream(self.codec).push(
-                torch.zeros(self.codec.config.num_codebooks, 1, dtype=torch.long)))  # warm-up: handles, first launches
+            self._guarded(self.codec.warm_up)  # this thread's handles and first launches
             while (codes := self.pieces.get()) is not None:
                 if self.error is None:  # after an error only drain: close() reports the first one
                     self._guarded(lambda: self.sink(self.decoder.push(codes).cpu().numpy()))

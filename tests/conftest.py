@@ -34,6 +34,13 @@ def _forget_kernel_choices():
     remember_in(None)
 
 
+@pytest.fixture(autouse=True)
+def _cache_dir_of_its_own(tmp_path_factory, monkeypatch):
+    """Commands keep quantized weights, kernel choices and encoded recordings in their --cache-dir: each test gets
+    an empty one (S2EDGE_CACHE), so that no test sees another's entries and none writes to the user's."""
+    monkeypatch.setenv("S2EDGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 def spec_tensors(component: str) -> list[tuple[str, str, tuple[int, ...]]]:
     """Rows of the official tensor inventory (checkpoint key, runtime key, shape) whose component starts so."""
     rows = []

@@ -72,7 +72,9 @@ def test_synthesize_speaks_long_text_in_batches(tiny_checkpoint, tmp_path):
 def test_each_line_is_a_take_of_its_own_from_one_load(device, tiny_checkpoint, tmp_path, monkeypatch):
     """--each-line: every non-empty line is spoken as a separate run of it would be (greedy, same seed), into
     numbered files, with the model loaded once and the decode-only codec loaded once (on a GPU: the CUDA graph of
-    the first take replayed by the others)."""
+    the first take replayed by the others, and the codec loaded on a thread of its own while the model loads)."""
+    import threading
+
     from runtime import cli
     from runtime.codec import CodecConfig
     from runtime.synthetic_codec import write_synthetic_codec
@@ -82,7 +84,8 @@ def test_each_line_is_a_take_of_its_own_from_one_load(device, tiny_checkpoint, t
     loads, opens = [], []
     real_load, real_open = cli.load_model, cli.open_codec
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
-    monkeypatch.setattr(cli, "open_codec", lambda *a, **k: opens.append(1) or real_open(*a, **k))
+    monkeypatch.setattr(cli, "open_codec",
+                        lambda *a, **k: opens.append(threading.current_thread().name) or real_open(*a, **k))
     out, precision = tmp_path / "takes", "fp32" if device == "cpu" else "bf16"
 
     def from_file(codes, *extra):
@@ -92,7 +95,7 @@ def test_each_line_is_a_take_of_its_own_from_one_load(device, tiny_checkpoint, t
 
     result = from_file(out / "take.npy", "-o", out / "take.flac", "--codec", codec, "--seed", "0")
     assert result.exit_code == 0, result.output
-    assert loads == [1] and opens == [1]
+    assert loads == [1] and len(opens) == 1 and (opens[0] == "MainThread") == (device == "cpu"), opens
     assert sorted(p.name for p in out.iterdir()) == [f"take-000{i}.{ext}" for i in (1, 2, 3) for ext in ("flac", "npy")]
     for i, line in enumerate(["First line here.", "Second, a little longer line.", "Third."], 1):
         alone = run("synthesize", "-c", tiny_checkpoint, "--text", line, "--top-k", "1", "--precision", precision,
@@ -103,6 +106,34 @@ def test_each_line_is_a_take_of_its_own_from_one_load(device, tiny_checkpoint, t
     assert not np.array_equal(np.load(out / "take-0001.npy"), np.load(out / "take-0002.npy"))  # the lines differ
     streamed = from_file(out / "x.npy", "-o", "-")
     assert streamed.exit_code == 2 and "--each-line writes a file per line" in streamed.stderr
+
+
+def test_the_codec_prepared_beside_the_load_is_warm_or_raises_its_error(tmp_path):
+    """The decode-only codec is opened and warmed up on its own thread; what fails there is raised by result()."""
+    import threading
+
+    from runtime.cli import _beside_the_load
+    from runtime.codec import CodecConfig, load_codec
+    from runtime.errors import InputError
+    from runtime.synthetic_codec import write_synthetic_codec
+
+    path = write_synthetic_codec(tmp_path / "codec.pth", CodecConfig.load("tiny"))
+    where, warmed = [], []
+
+    def open_decoder():
+        where.append(threading.current_thread().name)
+        codec = load_codec(path, CodecConfig.load("tiny"), with_encoder=False)
+        codec.warm_up = lambda: warmed.append(1)
+        return codec
+
+    assert _beside_the_load(open_decoder).result(timeout=60).encoder is None
+    assert warmed == [1] and where[0].startswith("s2edge-codec")
+
+    def broken():
+        raise InputError("codec.pth: truncated")
+
+    with pytest.raises(InputError, match="truncated"):
+        _beside_the_load(broken).result(timeout=60)
 
 
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, MemoryError])
@@ -182,6 +213,44 @@ def test_synthesize_clones_from_a_recording_as_from_its_codes(tiny_checkpoint, m
                   *text)
     assert mixed.exit_code == 0 and twice.exit_code == 0, mixed.output + twice.output
     assert np.array_equal(np.load(tmp_path / "d.npy"), np.load(tmp_path / "e.npy"))
+
+
+def test_a_recording_is_encoded_once_then_its_codes_come_from_the_cache(tiny_checkpoint, model_sized_codec, tmp_path,
+                                                                        monkeypatch):
+    """A second run with the same recording and codec reads the codes the first kept (the encoder is not even
+    loaded) and speaks exactly as the first did; a changed recording or another codec file is encoded again."""
+    import soundfile
+
+    from runtime import cli
+    from runtime.codec import CodecConfig
+    from runtime.synthetic_codec import write_synthetic_codec
+
+    opened = []
+    real_open = cli.open_codec
+    monkeypatch.setattr(cli, "open_codec", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    codec, config = model_sized_codec
+    cache = tmp_path / "cache"
+    text = ("--reference-text", "A reading.", "--codec-config", config, "--cache-dir", cache)
+
+    def speak(out, recording, codec_file=codec):
+        result = synth(tiny_checkpoint, tmp_path / out, "-r", recording, "--codec", codec_file, *text)
+        assert result.exit_code == 0, result.output
+        return result.stderr, np.load(tmp_path / out)
+
+    first, first_codes = speak("a.npy", RECORDING)
+    again, again_codes = speak("b.npy", RECORDING)
+    assert "kept in the cache" in first and "from the cache" in again and "encoded tests" not in again
+    assert opened == [codec] and np.array_equal(first_codes, again_codes)
+    assert len(list((cache / "encoded-references").glob("*.npy"))) == 1
+
+    samples, rate = soundfile.read(RECORDING, dtype="float32")
+    soundfile.write(tmp_path / "quieter.wav", samples * 0.5, rate)
+    quieter, _ = speak("c.npy", tmp_path / "quieter.wav")
+    other = write_synthetic_codec(tmp_path / "other.pth", CodecConfig.load(config), seed=7)
+    by_other, _ = speak("d.npy", RECORDING, other)
+    assert "kept in the cache" in quieter and "kept in the cache" in by_other
+    assert opened == [codec, codec, other]
+    assert len(list((cache / "encoded-references").glob("*.npy"))) == 3
 
 
 def test_bad_references_fail_before_the_model_loads(tiny_checkpoint, model_sized_codec, tmp_path, monkeypatch):
