@@ -12,7 +12,8 @@ What is counted, in bytes on the device:
 - RoPE tables and the legal-id list;
 - the decode side of the codec in bf16 (fp32 on the CPU);
 - a workspace: the largest of three peaks that never coincide: prefill activations of a whole-context prompt,
-  decoding one codec chunk, and quantizing the largest layer at load;
+  decoding one codec chunk, and quantizing the largest layer at load (the codec's warm-up beside the load decodes
+  one frame: 2 MB for S2 Pro's codec, inside the margin);
 - the decode graph pool and library workspaces (a GPU);
 - the CUDA context (devices.CUDA_CONTEXT_BYTES for a fresh process; devices.LIBRARY_LOAD_BYTES when the card was
   measured, since measuring created the context).
