@@ -17,6 +17,7 @@ import click
 import numpy as np
 import torch
 
+from quant.kernels import hash_triton_in_background, kernels_supported
 from quant.kernels.choices import KERNEL_CHOICES, remember_in
 from runtime import __version__
 from runtime.audio import check_audio_output
@@ -262,6 +263,8 @@ def synthesize(
     config = GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, max_context=max_context,
                               cuda_graph=not no_cuda_graph)
     target = resolve_device(device)
+    if kernels_supported(target):
+        hash_triton_in_background()
     header = open_checkpoint(checkpoint)
     library = VoiceLibrary(voices_dir)
     references = [library.load(name, header.config.num_codebooks, header.config.codebook_size).reference()
@@ -280,8 +283,7 @@ def synthesize(
     if choice.warning:
         click.echo(f"warning: {choice.warning}", err=True)
     open_decoder = lambda: open_codec(codec_file, codec_arch, device, "auto", with_encoder=False)  # noqa: E731
-    if output is not None and target.type == "cuda":
-        open_decoder = _beside_the_load(open_decoder).result
+    prepared = _beside_the_load(open_decoder) if output is not None and target.type == "cuda" else None
     loaded = None
     for chosen in (choice.plan, *fallbacks(choice)):
         formats = WeightFormats(chosen.slow_format, chosen.fast_format)
@@ -302,7 +304,10 @@ def synthesize(
             torch.cuda.empty_cache()
     if loaded is None:
         raise ResourceError(f"no plan fits {target}: try --max-context smaller or another device")
-    speaker = Speaker(loaded, references, config, chunk_length, target, open_decoder)
+    # The codec's thread is done before the frame loop captures its CUDA graph: an allocation or a copy from another
+    # thread during a capture would invalidate it.
+    speaker = Speaker(loaded, references, config, chunk_length, target, open_decoder,
+                      None if prepared is None else prepared.result())
     if not each_line:
         speaker.speak(text, codes_out, output, streaming)
         return

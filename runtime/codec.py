@@ -305,7 +305,7 @@ class Codec(nn.Module):
 
     def warm_up(self) -> None:
         """Decode one frame of zeros and drop the audio. A process's, and a thread's, first decode on a GPU loads
-        libraries, handles and kernels (0.2-0.8 s on an H100), which this pays ahead of the real one."""
+        libraries, handles and kernels (0.16-0.8 s on an H100), which this pays ahead of the real one."""
         DecodeStream(self).push(torch.zeros(self.config.num_codebooks, 1, dtype=torch.long))
 
     def decode_stream(self, frames: Iterable[Tensor | np.ndarray], min_frames: int = 1) -> Iterator[Tensor]:

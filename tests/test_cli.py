@@ -86,6 +86,13 @@ def test_each_line_is_a_take_of_its_own_from_one_load(device, tiny_checkpoint, t
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
     monkeypatch.setattr(cli, "open_codec",
                         lambda *a, **k: opens.append(threading.current_thread().name) or real_open(*a, **k))
+    from runtime import speaker
+    from runtime.codec import Codec
+
+    events, real_generate, real_warm_up = [], speaker.generate_batches, Codec.warm_up
+    monkeypatch.setattr(Codec, "warm_up", lambda codec: (real_warm_up(codec), events.append("warmed up")))
+    monkeypatch.setattr(speaker, "generate_batches",
+                        lambda *a, **k: events.append("generating") or real_generate(*a, **k))
     out, precision = tmp_path / "takes", "fp32" if device == "cpu" else "bf16"
 
     def from_file(codes, *extra):
@@ -96,6 +103,8 @@ def test_each_line_is_a_take_of_its_own_from_one_load(device, tiny_checkpoint, t
     result = from_file(out / "take.npy", "-o", out / "take.flac", "--codec", codec, "--seed", "0")
     assert result.exit_code == 0, result.output
     assert loads == [1] and len(opens) == 1 and (opens[0] == "MainThread") == (device == "cpu"), opens
+    # on a GPU the codec's thread is done before the frame loop (and its graph capture) begins
+    assert events == ["warmed up"] * (device == "cuda") + ["generating"] * 3
     assert sorted(p.name for p in out.iterdir()) == [f"take-000{i}.{ext}" for i in (1, 2, 3) for ext in ("flac", "npy")]
     for i, line in enumerate(["First line here.", "Second, a little longer line.", "Third."], 1):
         alone = run("synthesize", "-c", tiny_checkpoint, "--text", line, "--top-k", "1", "--precision", precision,
