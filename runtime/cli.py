@@ -21,6 +21,7 @@ from quant.kernels import hash_triton_in_background, kernels_supported
 from quant.kernels.choices import KERNEL_CHOICES, remember_in
 from runtime import __version__
 from runtime.audio import check_audio_output
+from runtime.cache_cli import cache, cache_dir_option
 from runtime.checkpoint import expected_shapes, open_checkpoint, validate
 from runtime.codec import Codec, CodecConfig
 from runtime.codec_cli import (CODEC_CONFIG_HELP, codec_config, codec_dtype, decode, encode, holds_codes, load_codes,
@@ -32,7 +33,7 @@ from runtime.engine import GenerationConfig
 from runtime.errors import InputError, ResourceError, S2EdgeError
 from runtime.eval_cli import evaluate
 from runtime.files import check_output
-from runtime.loader import DEFAULT_CACHE_DIR, PRECISIONS, WeightFormats, load_model, resolve_device, store_path
+from runtime.loader import PRECISIONS, WeightFormats, load_model, resolve_device, store_path
 from runtime.plan_cli import plan
 from runtime.planner import LINEAR_FORMATS, PlanRequest, choose_plan, fallbacks
 from runtime.planner import PRECISIONS as PLAN_PRECISIONS
@@ -212,10 +213,8 @@ def _beside_the_load(open_decoder: Callable[[], Codec]) -> Future[Codec]:
               help="KV-cache tokens the plan reserves (prompt + generated frames).")
 @click.option("--vram-budget", default=None, help="Use at most this much GPU memory, e.g. 8GB.")
 @click.option("--force", is_flag=True, help="Take a forced --precision even if it is predicted not to fit.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE_DIR, show_default=True,
-              envvar="S2EDGE_CACHE", help="Where quantized weights, the GPU kernels' timed choices and encoded "
-                                          "--reference recordings are saved once and reused on later runs (or set "
-                                          "S2EDGE_CACHE).")
+@cache_dir_option("Where quantized weights, the GPU kernels' timed choices and encoded --reference recordings are "
+                  "saved once and reused on later runs; `s2edge cache list` shows them")
 @click.option("--no-cuda-graph", is_flag=True,
               help="On a GPU, decode frame by frame eagerly instead of replaying one captured CUDA graph per frame.")
 def synthesize(
@@ -368,6 +367,7 @@ main.add_command(evaluate)
 main.add_command(decode)
 main.add_command(plan)
 main.add_command(voice)
+main.add_command(cache)
 
 if __name__ == "__main__":
     main()

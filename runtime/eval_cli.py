@@ -20,13 +20,14 @@ import torch
 
 from quant.kernels.choices import KERNEL_CHOICES, remember_in
 from runtime import audio_judges
+from runtime.cache_cli import cache_dir_option
 from runtime.checkpoint import open_checkpoint
 from runtime.codec_cli import CODEC_CONFIG_HELP, codec_config, open_codec
 from runtime.engine import Generation, GenerationConfig, generate
 from runtime.errors import InputError, S2EdgeError
 from runtime.eval_audio import AudioGate, Take, audio_table, listen
 from runtime.files import atomic_path, check_output
-from runtime.loader import DEFAULT_CACHE_DIR, LoadedModel, WeightFormats, load_model, resolve_device, store_path
+from runtime.loader import LoadedModel, WeightFormats, load_model, resolve_device, store_path
 from runtime.model import DualAR
 from runtime.prompt import build_prompt
 from runtime.replay import Replay, per_codebook, replay
@@ -130,9 +131,7 @@ def replay_all(model, takes: list[tuple[torch.Tensor, torch.Tensor]], label: str
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--reference-device", help="Run the bf16 reference here instead, e.g. cpu where bf16 does not fit the "
                                           "GPU (about 9 GB of host RAM; minutes). [default: --device]")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE_DIR, show_default=True,
-              envvar="S2EDGE_CACHE", help="Pre-quantized weights and kernel choices, shared with `synthesize` (or set "
-                                          "S2EDGE_CACHE).")
+@cache_dir_option("Pre-quantized weights and kernel choices, shared with `synthesize`")
 @click.option("--report", type=click.Path(path_type=Path), help="Also write the tables here (markdown).")
 def evaluate(checkpoint: Path, modes: str | None, texts: tuple[str, ...], voices: tuple[str, ...], voices_dir: Path,
              takes: int | None, frames: int | None, audio: bool, codec_path: Path | None, codec_config_name: str,

@@ -260,6 +260,7 @@ def test_a_recording_is_encoded_once_then_its_codes_come_from_the_cache(tiny_che
     assert "kept in the cache" in quieter and "kept in the cache" in by_other
     assert opened == [codec, codec, other]
     assert len(list((cache / "encoded-references").glob("*.npy"))) == 3
+    assert "3 encoded recordings" in run("cache", "list", "--cache-dir", cache).output
 
 
 def test_bad_references_fail_before_the_model_loads(tiny_checkpoint, model_sized_codec, tmp_path, monkeypatch):
