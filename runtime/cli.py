@@ -139,11 +139,11 @@ def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], full: bool
             continue
         start = time.perf_counter()
         codes = codec.encode(samples).cpu().numpy()
-        click.echo(f"encoded {paths[i]} ({samples.size / codec.config.sample_rate:.1f} s) in "
-                   f"{time.perf_counter() - start:.2f} s; kept in the cache for later runs", err=True)
+        elapsed = time.perf_counter() - start
         inputs[i] = check_codes(codes, num_codebooks, size, what=what)
-        if (warning := cache.put(samples, codes)) is not None:
-            click.echo(f"warning: {warning}", err=True)
+        warning = cache.put(samples, codes)
+        click.echo(f"encoded {paths[i]} ({samples.size / codec.config.sample_rate:.1f} s) in {elapsed:.2f} s"
+                   + ("; kept in the cache for later runs" if warning is None else f"\nwarning: {warning}"), err=True)
     if codec is not None:
         del codec
         if torch.cuda.is_available():

@@ -261,6 +261,10 @@ def test_a_recording_is_encoded_once_then_its_codes_come_from_the_cache(tiny_che
     assert opened == [codec, codec, other]
     assert len(list((cache / "encoded-references").glob("*.npy"))) == 3
     assert "3 encoded recordings" in run("cache", "list", "--cache-dir", cache).output
+    (tmp_path / "file").write_text("")
+    unwritable = synth(tiny_checkpoint, tmp_path / "e.npy", "-r", RECORDING, "--codec", codec, *text[:4],
+                       "--cache-dir", tmp_path / "file" / "cache")
+    assert unwritable.exit_code == 0 and "warning: could not keep the encoded reference" in unwritable.stderr
 
 
 def test_bad_references_fail_before_the_model_loads(tiny_checkpoint, model_sized_codec, tmp_path, monkeypatch):
