@@ -121,12 +121,16 @@ def test_nf4_fp32_scales():
     assert error_stats(_run(layer, x, Tile(16, 256, 1)), x @ layer.dequantize().T).rel_fro < 1e-5
 
 
+_SHUFFLE_TILES = [Tile(1, 256, 1), Tile(2, 128, 1), Tile(4, 256, 1), Tile(2, 512, 2)]
+
+
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.parametrize("tile", [Tile(1, 256, 1), Tile(2, 128, 1), Tile(4, 256, 1), Tile(2, 512, 2)],
-                         ids=lambda t: f"{t.block_n}x{t.block_k}w{t.num_warps}")
-@pytest.mark.parametrize("n, k", [(37, 320), (130, 1088), (2560, 9728)])
-def test_nf4_shuffle_lookup(tile, n, k):
+@pytest.mark.parametrize("n, k, tile", [
+    (n, k, tile) for n, k in [(37, 320), (130, 1088), (2560, 9728)] for tile in _SHUFFLE_TILES
+    if (k, tile.block_k) != (9728, 128)  # 76 unrolled steps: an 84 s compile on the H100 host, a tile no plan uses
+], ids=lambda v: f"{v.block_n}x{v.block_k}w{v.num_warps}" if isinstance(v, Tile) else str(v))
+def test_nf4_shuffle_lookup(n, k, tile):
     """The shuffle lookup (inline asm, compiled only) in several thread layouts, ragged shapes included: equal to
     the gather lookup up to summation order, and to the dequantized reference; a shuffled code table fails."""
     layer = _layer("nf4", n, k)
