@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from runtime.errors import CheckpointError
-from runtime.safetensors_io import cuda_staging, read_safetensors_header, read_tensor, write_safetensors
+from runtime.safetensors_io import CudaStaging, read_safetensors_header, read_tensor, write_safetensors
 
 STORE_KIND = "s2edge-quantized"
 STORE_VERSION = 1  # bump when the meaning of stored tensors changes: older files are then rebuilt
@@ -58,9 +58,11 @@ def save_store(
 
 
 def load_store(
-    path: str | os.PathLike, source_hashes: Mapping[str, str], device: torch.device | str = "cpu"
+    path: str | os.PathLike, source_hashes: Mapping[str, str], device: torch.device | str = "cpu",
+    staging: CudaStaging | None = None,
 ) -> tuple[Modules, dict[str, str]]:
-    """Read a store made from exactly these sources by this format version: (modules, caller metadata).
+    """Read a store made from exactly these sources by this format version: (modules, caller metadata). With
+    `staging` (the caller's, for `device`), tensors are read straight into GPU memory.
 
     Raises StaleStoreError (naming the first reason) when the file must be rebuilt.
     """
@@ -87,7 +89,6 @@ def load_store(
     if reason:
         raise StaleStoreError(f"{path.name}: made from other source files ({reason})")
     modules: Modules = {}
-    staging = cuda_staging(torch.device(device))  # reads straight into GPU memory
     for name, entry in layout.items():
         keys = [f"{name}.{suffix}" for suffix in entry["tensors"]]
         missing = [key for key in keys if key not in entries]

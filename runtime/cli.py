@@ -269,12 +269,13 @@ def synthesize(
     references = [library.load(name, header.config.num_codebooks, header.config.codebook_size).reference()
                   for name in voices]
     codec_file = codec_path or checkpoint / "codec.pth"
-    needs_codec = output is not None or not all(holds_codes(path) for path in reference_paths)
+    recordings = not all(holds_codes(path) for path in reference_paths)
+    needs_codec = output is not None or recordings
     codec_arch = codec_config(config_name, codec_file) if needs_codec else None  # fails before any work
     references += _read_references(
         reference_paths, reference_text, full_reference, header.config.num_codebooks, header.config.codebook_size,
         lambda: open_codec(codec_file, codec_arch, device, "auto", with_encoder=True),
-        EncodedCache.for_codec(cache_dir, codec_file, target, codec_dtype(target, "auto")) if needs_codec else None,
+        EncodedCache.for_codec(cache_dir, codec_file, target, codec_dtype(target, "auto")) if recordings else None,
     )
     request = PlanRequest(precision, fast_ar_precision, max_context,
                           None if vram_budget is None else parse_size(vram_budget), force)

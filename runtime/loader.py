@@ -148,12 +148,12 @@ def load_model(
     model.legal_ids = model.legal_ids.to(device)
     hashes = source_hashes(checkpoint) if store is not None and formats.quantized else {}
     stored: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
+    staging = cuda_staging(device)  # reads straight into GPU memory
     if hashes:
         try:
-            stored, _ = load_store(store, hashes, device)
+            stored, _ = load_store(store, hashes, device, staging)
         except StaleStoreError:
             stored = {}
-    staging = cuda_staging(device)  # reads straight into GPU memory
     try:
         for key in checkpoint.tensors:
             if key.endswith(SCALE_SUFFIX):
