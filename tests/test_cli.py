@@ -180,28 +180,22 @@ def test_synthesize_with_two_references(tiny_checkpoint, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def model_sized_codec(tmp_path_factory):
-    """A tiny codec whose books hold the tiny model's 64 codes, so that its codes can prompt the model: (codec.pth,
-    its config .json)."""
-    import dataclasses
-
+def tiny_codec(tmp_path_factory):
+    """The tiny codec (its books hold the tiny model's 64 codes, so that its codes can prompt the model): (codec.pth,
+    its --codec-config)."""
     from runtime.codec import CodecConfig
     from runtime.synthetic_codec import write_synthetic_codec
 
-    folder = tmp_path_factory.mktemp("codec64")
-    config = dataclasses.replace(CodecConfig.load("tiny"), semantic_codebook_size=64, codebook_size=64)
-    (folder / "codec64.json").write_text(json.dumps(dataclasses.asdict(config)))
-    write_synthetic_codec(folder / "codec.pth", config)
-    return folder / "codec.pth", folder / "codec64.json"
+    return write_synthetic_codec(tmp_path_factory.mktemp("codec") / "codec.pth", CodecConfig.load("tiny")), "tiny"
 
 
 RECORDING = "tests/fixtures/librivox_sense_and_sensibility_0870.wav"
 
 
-def test_synthesize_clones_from_a_recording_as_from_its_codes(tiny_checkpoint, model_sized_codec, tmp_path):
+def test_synthesize_clones_from_a_recording_as_from_its_codes(tiny_checkpoint, tiny_codec, tmp_path):
     """-r takes a recording or its codes: the recording is encoded first and prompts the model exactly as the codes
     `s2edge encode` makes of it, alone or beside a codes file."""
-    codec, config = model_sized_codec
+    codec, config = tiny_codec
     with_codec = ("--codec", codec, "--codec-config", config)
     encoded = run("encode", RECORDING, "-o", tmp_path / "ref.npy", *with_codec, "--device", "cpu")
     assert encoded.exit_code == 0, encoded.output
@@ -224,7 +218,7 @@ def test_synthesize_clones_from_a_recording_as_from_its_codes(tiny_checkpoint, m
     assert np.array_equal(np.load(tmp_path / "d.npy"), np.load(tmp_path / "e.npy"))
 
 
-def test_a_recording_is_encoded_once_then_its_codes_come_from_the_cache(tiny_checkpoint, model_sized_codec, tmp_path,
+def test_a_recording_is_encoded_once_then_its_codes_come_from_the_cache(tiny_checkpoint, tiny_codec, tmp_path,
                                                                         monkeypatch):
     """A second run with the same recording and codec reads the codes the first kept (the encoder is not even
     loaded) and speaks exactly as the first did; a changed recording or another codec file is encoded again."""
@@ -237,7 +231,7 @@ def test_a_recording_is_encoded_once_then_its_codes_come_from_the_cache(tiny_che
     opened = []
     real_open = cli.open_codec
     monkeypatch.setattr(cli, "open_codec", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
-    codec, config = model_sized_codec
+    codec, config = tiny_codec
     cache = tmp_path / "cache"
     text = ("--reference-text", "A reading.", "--codec-config", config, "--cache-dir", cache)
 
@@ -267,11 +261,11 @@ def test_a_recording_is_encoded_once_then_its_codes_come_from_the_cache(tiny_che
     assert unwritable.exit_code == 0 and "warning: could not keep the encoded reference" in unwritable.stderr
 
 
-def test_bad_references_fail_before_the_model_loads(tiny_checkpoint, model_sized_codec, tmp_path, monkeypatch):
+def test_bad_references_fail_before_the_model_loads(tiny_checkpoint, tiny_codec, tmp_path, monkeypatch):
     from runtime import cli
 
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
-    codec, config = model_sized_codec
+    codec, config = tiny_codec
     with_codec = ("--codec", codec, "--codec-config", config)
     (tmp_path / "noise.wav").write_bytes(b"RIFF not really a wav file")
     cases = [
@@ -284,12 +278,16 @@ def test_bad_references_fail_before_the_model_loads(tiny_checkpoint, model_sized
         result = synth(tiny_checkpoint, tmp_path / "o.npy", *args, *with_codec)
         assert result.exit_code == code and message in result.stderr, (args, result.output)
         assert "Traceback" not in result.output
+    import dataclasses
+
     from runtime.codec import CodecConfig
     from runtime.synthetic_codec import write_synthetic_codec
 
-    write_synthetic_codec(tmp_path / "tiny.pth", CodecConfig.load("tiny"))  # books larger than the model's
+    larger = dataclasses.replace(CodecConfig.load("tiny"), semantic_codebook_size=4096, codebook_size=1024)
+    (tmp_path / "larger.json").write_text(json.dumps(dataclasses.asdict(larger)))
+    write_synthetic_codec(tmp_path / "larger.pth", larger)  # books larger than the model's
     foreign = synth(tiny_checkpoint, tmp_path / "o.npy", "-r", RECORDING, "--reference-text", "t",
-                    "--codec", tmp_path / "tiny.pth")
+                    "--codec", tmp_path / "larger.pth", "--codec-config", tmp_path / "larger.json")
     assert foreign.exit_code == 2 and "(encoded): values must lie in [0, 63]" in foreign.stderr, foreign.output
     assert not (tmp_path / "o.npy").exists()
 
@@ -341,7 +339,7 @@ def test_synthesize_streams_wav_to_stdout_while_generating(tiny_checkpoint, tmp_
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_recording_is_encoded_on_the_gpu_and_its_codec_freed_before_the_plan(tiny_checkpoint, model_sized_codec,
+def test_a_recording_is_encoded_on_the_gpu_and_its_codec_freed_before_the_plan(tiny_checkpoint, tiny_codec,
                                                                               tmp_path, monkeypatch):
     """The encoder runs on the GPU and is gone when the plan measures the free memory: the codec object is freed.
     (What the allocator keeps cached then is not checked: with expandable segments, pages shared with live tensors
@@ -364,7 +362,7 @@ def test_a_recording_is_encoded_on_the_gpu_and_its_codec_freed_before_the_plan(t
 
     monkeypatch.setattr(cli, "open_codec", open_codec)
     monkeypatch.setattr(cli, "detect_device", detect_device)
-    codec, config = model_sized_codec
+    codec, config = tiny_codec
     result = run("synthesize", "-c", tiny_checkpoint, "-t", "hello there", "--seed", "0", "--device", "cuda",
                  "--precision", "bf16", "--max-new-tokens", "10", "--codes-out", tmp_path / "c.npy",
                  "-r", RECORDING, "--reference-text", "A reading.", "--codec", codec, "--codec-config", config)
@@ -489,8 +487,10 @@ def test_synthetic_command_writes_a_loadable_checkpoint(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "ck" / "model.safetensors").exists() and (tmp_path / "ck" / "codec.pth").exists()
     assert run("inspect", tmp_path / "ck").exit_code == 0
-    spoken = synth(tmp_path / "ck", tmp_path / "c.npy", "-o", tmp_path / "c.wav")
+    spoken = synth(tmp_path / "ck", tmp_path / "c.npy", "-o", tmp_path / "c.wav", "-r", RECORDING,
+                   "--reference-text", "A reading.")  # its codec's codes fit the model's books
     assert spoken.exit_code == 0, spoken.output
+    assert "encoded tests/fixtures" in spoken.stderr
     assert (tmp_path / "c.wav").stat().st_size > 44
     assert run("synthetic", tmp_path / "bare", "--no-codec").exit_code == 0
     assert not (tmp_path / "bare" / "codec.pth").exists()

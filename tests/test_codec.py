@@ -69,7 +69,8 @@ def test_code_and_audio_lengths(codec, n):
     codes = codec.encode(speechlike(n))
     frames = math.ceil(n / 2048)
     assert codes.shape == (10, frames) and codes.dtype == torch.int64
-    assert 0 <= int(codes[0].min()) and int(codes[0].max()) < 4096 and int(codes[1:].max()) < 1024
+    assert 0 <= int(codes.min()) and int(codes[0].max()) < TINY.semantic_codebook_size
+    assert int(codes[1:].max()) < TINY.codebook_size
     audio = codec.decode(codes)
     assert audio.shape == (2048 * frames,) and audio.dtype == torch.float32
     assert torch.isfinite(audio).all()
@@ -335,10 +336,11 @@ def test_decode_only_load_then_encoder_on_demand(codec_path, config, codec):
 
 def test_decode_clamps_without_touching_the_callers_codes(codec):
     codes = random_codes(6, TINY, seed=8)
-    codes[0, 2], codes[3, 4], codes[9, 0] = 9999, 5000, 1024
+    codes[0, 2], codes[3, 4], codes[9, 0] = 9999, 5000, TINY.codebook_size
     original = codes.clone()
     clamped = codes.clone()
-    clamped[0, 2], clamped[3, 4], clamped[9, 0] = 4095, 1023, 1023
+    clamped[0, 2], clamped[3, 4], clamped[9, 0] = TINY.semantic_codebook_size - 1, TINY.codebook_size - 1, \
+        TINY.codebook_size - 1
     torch.testing.assert_close(codec.decode(codes), codec.decode(clamped), rtol=0, atol=0)
     assert torch.equal(codes, original)
 

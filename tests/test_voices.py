@@ -110,9 +110,15 @@ def test_voice_commands_and_synthesize_with_a_voice(tiny_checkpoint, tiny_codec,
 
     voice = VoiceLibrary(lib).load("reader")
     assert voice.codes.shape[0] == 10 and voice.source.startswith("recording ") and "sha256:" in voice.source
-    # the tiny codec's books are larger than the tiny model's: a clear error, not garbage
-    mismatch = synth(tiny_checkpoint, tmp_path / "x.npy", "--voice", "reader", "--voices-dir", lib)
-    assert mismatch.exit_code == 2 and "voice 'reader': values must lie in [0, 63]" in mismatch.output
+    spoken = synth(tiny_checkpoint, tmp_path / "r.npy", "--voice", "reader", "--voices-dir", lib)
+    assert spoken.exit_code == 0, spoken.output
+    # codes from books larger than the model's 64 codes (frozen for the full-size codec): a clear error, not garbage
+    np.save(tmp_path / "wide.npy", _codes().numpy() * 16)
+    wide = run("voice", "freeze", "wide", tmp_path / "wide.npy", "--text", "Wide.", "--voices-dir", lib,
+               "--codec-config", "s2pro")
+    assert wide.exit_code == 0, wide.output
+    mismatch = synth(tiny_checkpoint, tmp_path / "x.npy", "--voice", "wide", "--voices-dir", lib)
+    assert mismatch.exit_code == 2 and "voice 'wide': values must lie in [0, 63]" in mismatch.output
 
     # a voice gives the same prompt, hence the same greedy codes, as passing its codes and transcript by hand
     np.save(tmp_path / "calm.npy", _codes(30, 3).numpy())
