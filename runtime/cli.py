@@ -151,6 +151,12 @@ def _read_references(paths: tuple[Path, ...], texts: tuple[str, ...], full: bool
     return [Reference(codes, text) for codes, text in zip(inputs, texts)]
 
 
+def _codes_beside(output: Path | None) -> Path:
+    """--codes-out by default: beside the audio file, with its name (each take's codes stay with its audio, for
+    `voice freeze`, instead of one output.npy that every run overwrites); output.npy without an audio file."""
+    return Path("output.npy") if output is None else output.with_suffix(".npy")
+
+
 def _beside_the_load(open_decoder: Callable[[], Codec]) -> Future[Codec]:
     """The decode-only codec, loaded and warmed up on a thread of its own while the model loads (its bytes are in
     the plan): a GPU's first decode in a process loads libraries and kernels, which otherwise came after the
@@ -173,7 +179,7 @@ def _beside_the_load(open_decoder: Callable[[], Codec]) -> Future[Codec]:
 @click.option("--text-file", type=click.Path(path_type=Path), help="Read the text to speak from a UTF-8 file.")
 @click.option("--each-line", is_flag=True,
               help="Speak each non-empty line of the text as a take of its own, the model loaded once: the outputs "
-                   "are numbered (--codes-out takes.npy -o takes.mp3 -> takes-0001.npy, takes-0001.mp3, ...).")
+                   "are numbered (-o takes.mp3 -> takes-0001.mp3 and takes-0001.npy, takes-0002.mp3 ...).")
 @click.option("--reference", "--reference-codes", "-r", "reference_paths", type=click.Path(path_type=Path),
               multiple=True,
               help="The voice to clone: a recording (wav, flac, ogg, mp3...; its first 30 s, encoded with --codec) "
@@ -186,8 +192,9 @@ def _beside_the_load(open_decoder: Callable[[], Codec]) -> Future[Codec]:
               help="A voice from the library (`s2edge voice add`). Repeat for several speakers; voices come before "
                    "--reference in speaker order.")
 @voices_dir_option
-@click.option("--codes-out", type=click.Path(path_type=Path), default=Path("output.npy"), show_default=True,
-              help="Where to write the generated codes [10, n] (.npy, int64).")
+@click.option("--codes-out", type=click.Path(path_type=Path),
+              help="Where to write the generated codes [10, n] (.npy, int64) [default: beside -o's file, named as "
+                   "it is (-o hello.wav -> hello.npy); output.npy without one].")
 @click.option("--temperature", type=float, default=0.8, show_default=True, help="Sampling temperature, in (0, 2).")
 @click.option("--top-p", type=float, default=0.8, show_default=True, help="Nucleus mass kept, in (0, 1].")
 @click.option("--top-k", type=int, default=30, show_default=True, help="Candidates kept per draw.")
@@ -227,7 +234,7 @@ def synthesize(
     full_reference: bool,
     voices: tuple[str, ...],
     voices_dir: Path,
-    codes_out: Path,
+    codes_out: Path | None,
     temperature: float,
     top_p: float,
     top_k: int,
@@ -248,8 +255,9 @@ def synthesize(
 ) -> None:
     """Speak the text in the voice of the reference(s); write the codes and, with -o, the audio."""
     text = _read_text(text, text_file)
-    check_output(codes_out)  # both outputs are written after the generation: refuse a bad one before it
     streaming = output == STDOUT
+    codes_out = codes_out or _codes_beside(None if streaming else output)
+    check_output(codes_out)  # both outputs are written after the generation: refuse a bad one before it
     if streaming and each_line:
         raise InputError("--each-line writes a file per line: give -o a file name such as takes.wav, not -")
     if streaming and sys.stdout.buffer.isatty():

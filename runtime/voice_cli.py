@@ -58,7 +58,7 @@ def add(name: str, audio: Path, text: str, full_reference: bool, replace: bool, 
               help="Codec layout the codes follow: 's2pro', 'tiny' (tests) or a codec config .json.")
 @voices_dir_option
 def freeze(name: str, codes: Path, text: str, replace: bool, codec_config: str, voices_dir: Path) -> None:
-    """Keep a generated take (CODES from `synthesize --codes-out`) as the permanent voice NAME.
+    """Keep a generated take (CODES: the .npy `synthesize` writes beside its audio) as the permanent voice NAME.
 
     A take you like becomes the reference for later runs, so the voice stays the same from one run to the next.
     """

@@ -307,6 +307,28 @@ def test_synthesize_writes_audio_with_the_codec(tiny_checkpoint, tmp_path):
     assert rate == 44100 and audio.shape == (frames * 2048,) and np.abs(audio).max() > 0
 
 
+def test_codes_go_beside_the_audio_by_default(tiny_checkpoint, tiny_codec, tmp_path, monkeypatch):
+    """Without --codes-out the codes take -o's name with .npy (one per take, as the audio), and output.npy in the
+    working folder when there is no audio file."""
+    codec, _ = tiny_codec
+    monkeypatch.chdir(tmp_path)
+    common = ("synthesize", "-c", tiny_checkpoint, "-t", "hello there", "--top-k", "1", "--precision", "fp32",
+              "--device", "cpu", "--max-new-tokens", "8", "--codec", codec)
+    with_audio = run(*common, "-o", tmp_path / "takes" / "hello.wav")
+    assert with_audio.exit_code == 0, with_audio.output
+    assert sorted(p.name for p in (tmp_path / "takes").iterdir()) == ["hello.npy", "hello.wav"]
+    assert not (tmp_path / "output.npy").exists()
+    lines = tmp_path / "lines.txt"
+    lines.write_text("one\ntwo\n")
+    each = run(*common[:3], "--text-file", lines, "--each-line", *common[5:], "-o", tmp_path / "takes" / "t.flac")
+    assert each.exit_code == 0, each.output
+    written = {p.name for p in (tmp_path / "takes").iterdir()}
+    assert {"t-0001.npy", "t-0001.flac", "t-0002.npy", "t-0002.flac"} <= written
+    codes_only = run(*common)
+    assert codes_only.exit_code == 0, codes_only.output
+    assert np.load(tmp_path / "output.npy").shape[0] == 10
+
+
 def test_synthesize_streams_wav_to_stdout_while_generating(tiny_checkpoint, tmp_path, monkeypatch):
     """-o -: a WAV stream on standard output, written frame by frame as the codes come (eagerly on the CPU), whose
     samples are those of the codes decoded afterwards (to 1 LSB: the codec's chunking moves float rounding); the
