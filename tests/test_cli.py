@@ -581,3 +581,21 @@ def test_bad_inputs_give_one_line(case, code, message, tiny_checkpoint, tmp_path
     assert len(lines) == 1 and re.search(message, lines[0]), result.stderr
     assert "Traceback" not in result.output
     assert not (tmp_path / "o.npy").exists()  # nothing half-written
+
+
+def test_the_program_ends_with_its_exit_code_and_every_byte_written(tiny_checkpoint, tiny_codec, tmp_path):
+    """`s2edge` as a process (runtime.cli:run ends it without the interpreter's teardown): the exit code is the
+    command's, and what it wrote to standard output and error arrives whole (here a WAV stream on a pipe)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "runtime.cli", "synthesize", "-c", str(tiny_checkpoint), "--device", "cpu",
+               "--precision", "fp32", "--top-k", "1", "--max-new-tokens", "8", "--codes-out", str(tmp_path / "c.npy"),
+               "--codec", str(tiny_codec[0])]
+    streamed = subprocess.run([*command, "-t", "hello there", "-o", "-"], capture_output=True, timeout=300)
+    assert streamed.returncode == 0, streamed.stderr.decode()
+    frames = np.load(tmp_path / "c.npy").shape[1]
+    assert len(streamed.stdout) == 44 + frames * 2048 * 2 and streamed.stdout[:4] == b"RIFF"
+    assert streamed.stderr.decode().rstrip().endswith("frames/s on cpu")
+    refused = subprocess.run([*command, "-t", " "], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stderr == "error: the text to speak is empty\n"
