@@ -31,6 +31,7 @@ from random_weights import never_stop  # noqa: E402
 from runtime import decode  # noqa: E402
 from runtime.config import bundled_config  # noqa: E402
 from runtime.decode import FrameLoop  # noqa: E402
+from runtime.devices import skip_cudnn_attention  # noqa: E402
 from runtime.engine import GenerationConfig, generate  # noqa: E402
 from runtime.files import atomic_path  # noqa: E402
 from runtime.loader import WeightFormats, load_model  # noqa: E402
@@ -157,7 +158,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--frames", type=int, default=128)
     parser.add_argument("--plans", default=",".join(PLANS), help=f"comma-separated subset of: {', '.join(PLANS)}")
+    parser.add_argument("--cudnn-attention", action="store_true",
+                        help="Keep cuDNN among torch's attention backends (torch's default; the CLI leaves it out).")
     args = parser.parse_args()
+    if not args.cudnn_attention:
+        skip_cudnn_attention()  # as the CLI does
 
     ckpt = full_checkpoint(args.workdir)
     rows = []
@@ -181,7 +186,8 @@ def main() -> None:
     lines = [
         f"# Decode speed: eager frames vs one CUDA graph replay per frame ({gpu})", "",
         f"- date: {now:%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; CUDA {torch.version.cuda}",
-        f"- command: `python benchmarks/decode_speed.py --frames {args.frames}`",
+        f"- command: `python benchmarks/decode_speed.py --frames {args.frames}"
+        f"{' --cudnn-attention' if args.cudnn_attention else ''}`",
         "- full-size synthetic checkpoint (official layout, random weights), quantized while loading; <|im_end|> "
         "suppressed so every run decodes all its frames; sampling temperature 0.8, top_p 0.8, top_k 30",
         "- ms/frame: a warm generation's frames 17 on (prefill, the eager first frame, the capture and the first "

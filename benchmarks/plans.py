@@ -28,7 +28,7 @@ sys.path.insert(0, sys.argv[1])
 sys.path.insert(0, sys.argv[1] + '/benchmarks')
 from random_weights import never_stop
 from runtime.codec import CodecConfig, load_codec
-from runtime.devices import detect_device, parse_size, use_expandable_segments
+from runtime.devices import detect_device, parse_size, skip_cudnn_attention, use_expandable_segments
 from runtime.engine import GenerationConfig, generate
 from runtime.loader import WeightFormats, load_model
 from runtime.planner import PlanRequest, choose_plan
@@ -36,6 +36,7 @@ from runtime.prompt import Reference, build_prompt
 from runtime.checkpoint import open_checkpoint
 ckpt, codec_path, precision, fast, budget, frames = sys.argv[2:8]
 use_expandable_segments()  # as the CLI does, before the first CUDA allocation
+skip_cudnn_attention()
 dev = torch.device("cuda")
 torch.zeros(1, device=dev)
 free0, total = torch.cuda.mem_get_info()

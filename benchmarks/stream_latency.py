@@ -34,6 +34,7 @@ from report import run_notes, write_measured  # noqa: E402
 
 from runtime.codec import Codec, CodecConfig, DecodeStream, load_codec  # noqa: E402
 from runtime.decode import FrameLoop  # noqa: E402
+from runtime.devices import skip_cudnn_attention  # noqa: E402
 from runtime.engine import GenerationConfig, generate  # noqa: E402
 from runtime.stream_out import BackgroundDecoder  # noqa: E402
 from runtime.synthetic_codec import write_synthetic_codec  # noqa: E402
@@ -103,7 +104,11 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=129, help="frames per generation (1 + 8 pieces of 16)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--plans", default="bf16,nf4-all", help=f"comma-separated subset of: {', '.join(PLANS)}")
+    parser.add_argument("--cudnn-attention", action="store_true",
+                        help="Keep cuDNN among torch's attention backends (torch's default; the CLI leaves it out).")
     args = parser.parse_args()
+    if not args.cudnn_attention:
+        skip_cudnn_attention()  # as the CLI does
 
     ckpt = full_checkpoint(args.workdir)
     codec = full_codec(args.workdir)

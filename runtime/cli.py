@@ -27,7 +27,7 @@ from runtime.codec import Codec, CodecConfig
 from runtime.codec_cli import (CODEC_CONFIG_HELP, codec_config, codec_dtype, decode, encode, holds_codes, load_codes,
                                open_codec, read_reference_audio)
 from runtime.config import bundled_config
-from runtime.devices import detect_device, parse_size, use_expandable_segments
+from runtime.devices import detect_device, parse_size, skip_cudnn_attention, use_expandable_segments
 from runtime.encoded_cache import EncodedCache
 from runtime.engine import GenerationConfig
 from runtime.errors import InputError, ResourceError, S2EdgeError
@@ -100,6 +100,7 @@ def main(debug: bool) -> None:
     --reference-text "transcript of ref" -o out.wav`.
     """
     use_expandable_segments()
+    skip_cudnn_attention()
 
 
 def _read_text(text: str | None, text_file: Path | None) -> str:

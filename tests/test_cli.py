@@ -599,3 +599,15 @@ def test_the_program_ends_with_its_exit_code_and_every_byte_written(tiny_checkpo
     assert streamed.stderr.decode().rstrip().endswith("frames/s on cpu")
     refused = subprocess.run([*command, "-t", " "], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and refused.stderr == "error: the text to speak is empty\n"
+
+
+def test_every_command_runs_without_cudnn_attention(tmp_path):
+    """cuDNN builds an attention plan per new sequence length (45-70 ms each on an H100): the commands leave it
+    out of torch's attention backends (runtime/devices.py skip_cudnn_attention)."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()  # an earlier command in this process may have left it off
+    torch.backends.cuda.enable_cudnn_sdp(True)  # torch's default
+    try:
+        assert run("plan", "--gpu", "RTX 4070").exit_code == 0
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
