@@ -152,6 +152,23 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: D
     return F.scaled_dot_product_attention(q, k, v, attn_mask=start.visible, enable_gqa=True)
 
 
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Queries [B, 32, T, D] at positions start.. over the valid prefix k, v [B, 8, start+T, D]: causal among the
+    queries, all of the earlier positions. One token over a few positions (the fast AR's steps) runs our
+    one-launch kernel on a GPU; SDPA otherwise."""
+    t = q.shape[2]
+    if t == 1 and fused_kernels(q):
+        from quant.kernels import decode_attention as kernel
+
+        if kernel.takes_short(q, k, v):
+            return kernel.short_attention(q, k, v)
+    mask = None
+    if t > 1 and start > 0:  # a chunk after earlier positions: causal within, full over the past
+        pos = torch.arange(start + t, device=q.device)
+        mask = pos[None, :] <= (start + torch.arange(t, device=q.device))[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=t > 1 and start == 0, enable_gqa=True)
+
+
 class Attention(nn.Module):
     def __init__(self, stack: StackConfig, eps: float):
         super().__init__()
@@ -173,12 +190,7 @@ class Attention(nn.Module):
         if isinstance(start, DevicePosition):  # k, v: the whole cache [B, 8, capacity, D]
             y = cached_attention(q, k, v, start)
         else:
-            mask = None
-            if t > 1 and start > 0:  # a chunk after earlier positions: causal within, full over the past
-                pos = torch.arange(start + t, device=x.device)
-                mask = pos[None, :] <= (start + torch.arange(t, device=x.device))[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=t > 1 and start == 0,
-                                               enable_gqa=True)
+            y = prefix_attention(q, k, v, start)
         return self.wo(y.transpose(1, 2).reshape(b, t, self.n_head * hd))
 
     def rope_and_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor,

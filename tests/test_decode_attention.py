@@ -1,5 +1,6 @@
 """One decode token's attention over the filled cache slots (quant/kernels/decode_attention.py) against SDPA over
-the whole cache with the visibility mask, as the decode step ran it.
+the whole cache with the visibility mask, as the decode step ran it; and over a short cache prefix (the fast AR's
+steps) against SDPA over that prefix.
 
 GPU only: Triton's interpreter multiplies bf16 tl.dot operands as raw bits (a 16x16 product off by 1e10 with
 triton 3.9). Negative controls: a position one slot earlier must differ from the reference by far more than the
@@ -16,7 +17,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 pytest.importorskip("triton")
 
 from quant.base import error_stats  # noqa: E402
-from quant.kernels.decode_attention import decode_attention, takes  # noqa: E402
+from quant.kernels.decode_attention import SHORT, decode_attention, short_attention, takes, takes_short  # noqa: E402,E501
 
 DEVICE = torch.device("cuda")
 
@@ -92,6 +93,7 @@ def test_tiny_model_decode_step_runs_the_kernel_per_slow_layer(tiny_checkpoint, 
         return _kernel(*args)
 
     monkeypatch.setattr(kernel, "decode_attention", counted)
+    monkeypatch.setattr(kernel, "takes_short", lambda *_: False)  # the host position's step: SDPA, the reference
     prompt, step, at = tokens[..., :-1], tokens[..., -1:], tokens.shape[-1] - 1
     with torch.inference_mode():
         model.forward_slow(prompt, 0)
@@ -100,3 +102,76 @@ def test_tiny_model_decode_step_runs_the_kernel_per_slow_layer(tiny_checkpoint, 
         device = model.forward_slow(step, torch.tensor([at], device=DEVICE)).float()
     assert len(calls) == model.config.slow.n_layer
     assert error_stats(device, host).rel_fro < 2e-2
+
+
+# (heads, kv_heads, head_dim): S2's fast AR (32/8 heads of 128), the tiny model's (4/2 of 16), no grouping.
+SHORT_CASES = [(32, 8, 128), (4, 2, 16), (8, 8, 64)]
+
+
+@pytest.mark.parametrize("heads, kv_heads, d", SHORT_CASES, ids=lambda c: str(c))
+def test_short_attention_matches_sdpa_over_a_cache_prefix(heads, kv_heads, d):
+    """The fast AR's form: one query over the first n slots of a cache (a strided view of its valid prefix), every
+    n it takes. Negative control: SDPA over one slot fewer is far off."""
+    q, k, v = _case(heads, kv_heads, SHORT, d, seed=3)
+    for n in range(1, SHORT + 1):
+        k_n, v_n = k[:, :, :n], v[:, :, :n]
+        assert takes_short(q, k_n, v_n)
+        y = short_attention(q, k_n, v_n)
+        assert y.shape == q.shape and y.dtype == q.dtype
+        expected = F.scaled_dot_product_attention(q.float(), k_n.float(), v_n.float(), enable_gqa=True)
+        stats = error_stats(y, expected)
+        assert stats.rel_fro < 1e-2, (n, stats)
+        if n > 1:
+            fewer = F.scaled_dot_product_attention(q.float(), k_n[:, :, :-1].float(), v_n[:, :, :-1].float(),
+                                                   enable_gqa=True)
+            assert error_stats(fewer, expected).rel_fro > 10 * stats.rel_fro
+
+
+def test_short_attention_reads_nothing_past_the_prefix_and_replays_from_a_graph():
+    q, k, v = _case(32, 8, 11, 128, seed=4)
+    y = short_attention(q, k[:, :, :7], v[:, :, :7])
+    k[:, :, 7:] = float("nan")
+    v[:, :, 7:] = float("nan")
+    assert torch.equal(short_attention(q, k[:, :, :7], v[:, :, :7]), y)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = short_attention(q, k[:, :, :7], v[:, :, :7])
+    graph.replay()
+    assert torch.equal(replayed, y)
+
+
+def test_takes_short_only_a_short_prefix_of_rows():
+    q, k, v = _case(32, 8, SHORT + 1, 128)
+    assert takes_short(q, k[:, :, :SHORT], v[:, :, :SHORT])
+    assert not takes_short(q, k, v)  # one slot too many
+    assert not takes_short(q.expand(1, 32, 2, 128), k[:, :, :4], v[:, :, :4])  # two tokens
+    assert not takes_short(q, k[:, :, :4, ::2], v[:, :, :4, ::2])  # slots that are not rows of D
+    assert not takes_short(q[:, :30], k[:, :, :4], v[:, :, :4])  # heads not a multiple of kv_heads
+
+
+def test_tiny_model_fast_steps_run_the_short_kernel(tiny_checkpoint, monkeypatch):
+    """The fast AR's steps (one token at each of its positions: the slow hidden, then 9 codebooks' embeddings) run
+    the short kernel once per layer, and agree with SDPA over the same prefixes."""
+    from quant.kernels import decode_attention as kernel
+    from runtime.loader import load_model
+
+    model = load_model(tiny_checkpoint, DEVICE, torch.bfloat16).model
+    model.setup_caches(64, torch.bfloat16, DEVICE)
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(1, 1, model.config.fast.dim, generator=gen).bfloat16().to(DEVICE)
+    codes = torch.randint(0, model.config.codebook_size, (model.config.num_codebooks - 1,), generator=gen).to(DEVICE)
+    calls = []
+
+    def steps() -> torch.Tensor:
+        with torch.inference_mode():
+            outs = [model.forward_fast(hidden, 0)]
+            for i, code in enumerate(codes, 1):
+                outs.append(model.forward_fast(model.fast_embeddings(code).view(1, 1, -1), i))
+        return torch.cat(outs).float()
+
+    real = kernel.short_attention
+    monkeypatch.setattr(kernel, "short_attention", lambda *a: calls.append(a[1].shape[2]) or real(*a))
+    ours = steps()
+    assert calls == [n for n in range(1, len(codes) + 2) for _ in range(model.config.fast.n_layer)]
+    monkeypatch.setattr(kernel, "takes_short", lambda *_: False)
+    assert error_stats(ours, steps()).rel_fro < 2e-2

@@ -1,9 +1,14 @@
-"""Attention of one decode token over the slow AR's K/V cache, reading only the filled slots.
+"""Attention of one decode token over a K/V cache: the slow AR's, reading only the filled slots; and a short prefix
+(the fast AR's 1 to 11 positions) in one launch.
 
 A CUDA graph fixes every shape, so the decode step gives SDPA the whole cache [1, kv_heads, capacity, D] with a
 mask of the visible slots: its cost follows the capacity (the request's prompt plus its frame budget), not the
 position. Here the position is read on the device and the split programs past it return at once, so a step reads
 the K/V bytes of the filled slots only (flash-decoding: splits of CHUNK slots per KV head, then one combine).
+
+The fast AR's 10 steps per frame attend over at most 11 positions, 40 calls per frame: there one program per KV
+head does it all in one launch (`short_attention`), where SDPA runs flash attention (cuDNN, faster per call on the
+H100, builds a plan per length: runtime/devices.py `skip_cudnn_attention`).
 
 Numerics: scores and the softmax in fp32, the probabilities rounded to the activation dtype for the product with V
 (as flash-attention kernels do), accumulated in fp32, one rounding at the end; against fp32 SDPA the error is
@@ -24,6 +29,7 @@ from quant.kernels import FMA
 CHUNK = 128  # cache slots per split program
 BLOCK = 64  # slots per step inside a program
 GROUP_ROWS = 16  # a KV head's query heads, padded to the smallest tl.dot tile
+SHORT = 16  # the most visible slots short_attention takes (one tl.dot tile)
 
 
 @triton.jit
@@ -91,12 +97,57 @@ def _decode_attention_combine_kernel(part_ptr, o_ptr, splits, GROUP: tl.constexp
     tl.store(o_ptr + i * D + d, (acc / l).to(o_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _short_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, n, head_stride, scale, GROUP: tl.constexpr,
+                            D: tl.constexpr, ROWS: tl.constexpr, SLOTS: tl.constexpr):
+    """Program h (a KV head): its GROUP query heads over slots 0..n-1 (n <= SLOTS) -> their outputs [GROUP, D], with
+    the split kernel's numerics."""
+    h = tl.program_id(0)
+    rows = tl.arange(0, ROWS)
+    d = tl.arange(0, D)
+    slots = tl.arange(0, SLOTS)
+    seen = slots < n
+    heads = h * GROUP + rows[:, None]  # [ROWS, 1]
+    q = tl.load(q_ptr + heads * D + d[None, :], mask=rows[:, None] < GROUP, other=0.0)
+    at = h.to(tl.int64) * head_stride + slots[:, None] * D + d[None, :]  # [SLOTS, D]
+    k = tl.load(k_ptr + at, mask=seen[:, None], other=0.0)
+    scores = tl.where(seen[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))  # [ROWS, SLOTS] fp32
+    p = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+    v = tl.load(v_ptr + at, mask=seen[:, None], other=0.0)
+    acc = tl.dot(p.to(v.dtype), v)  # [ROWS, D] fp32
+    tl.store(o_ptr + heads * D + d[None, :], (acc / tl.sum(p, axis=1)[:, None]).to(o_ptr.dtype.element_ty),
+             mask=rows[:, None] < GROUP)
+
+
+def _head_layout(heads: int, kv_heads: int, d: int) -> bool:
+    return d >= 16 and d & (d - 1) == 0 and heads % kv_heads == 0 and heads // kv_heads <= GROUP_ROWS
+
+
+def takes_short(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """One token of one sequence (q [1, heads, 1, D]) over at most SHORT positions k, v [1, kv_heads, n, D] whose
+    slots are rows of D (a cache's valid prefix), D a power of two of at least 16, heads a multiple of kv_heads
+    with at most GROUP_ROWS per KV head."""
+    return (q.shape[0] == 1 and q.shape[2] == 1 and q.is_contiguous() and k.shape[0] == 1 and k.shape[2] <= SHORT
+            and v.shape == k.shape and k.stride() == v.stride() and k.stride(3) == 1 and k.stride(2) == k.shape[3]
+            and _head_layout(q.shape[1], k.shape[1], q.shape[-1]))
+
+
+def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q [1, heads, 1, D] over all n positions of k, v [1, kv_heads, n <= SHORT, D] -> [1, heads, 1, D] in q's
+    dtype, with SDPA's default scale 1/sqrt(D). One launch; safe inside CUDA graph capture."""
+    heads, kv_heads, n, d = q.shape[1], k.shape[1], k.shape[2], q.shape[-1]
+    assert takes_short(q, k, v)
+    out = torch.empty(heads, d, dtype=q.dtype, device=q.device)
+    _short_attention_kernel[(kv_heads,)](q, k, v, out, n, k.stride(1), 1.0 / math.sqrt(d), GROUP=heads // kv_heads,
+                                         D=d, ROWS=GROUP_ROWS, SLOTS=SHORT, num_warps=4, **FMA)
+    return out.view(1, heads, 1, d)
+
+
 def takes(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """One token of one sequence ([1, heads, 1, D] q, [1, kv_heads, capacity, D] contiguous caches), D a power of
     two of at least 16, heads a multiple of kv_heads with at most GROUP_ROWS per KV head."""
-    heads, kv_heads, d = q.shape[1], k_cache.shape[1], q.shape[-1]
     return (q.shape[0] == 1 and q.shape[2] == 1 and k_cache.shape[0] == 1 and k_cache.is_contiguous()
-            and d >= 16 and d & (d - 1) == 0 and heads % kv_heads == 0 and heads // kv_heads <= GROUP_ROWS)
+            and _head_layout(q.shape[1], k_cache.shape[1], q.shape[-1]))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
