@@ -1,12 +1,12 @@
 """Attention of one decode token over a K/V cache: the slow AR's, reading only the filled slots; and a short prefix
-(the fast AR's 1 to 11 positions) in one launch.
+(the fast AR's 1 to 10 positions) in one launch.
 
 A CUDA graph fixes every shape, so the decode step gives SDPA the whole cache [1, kv_heads, capacity, D] with a
 mask of the visible slots: its cost follows the capacity (the request's prompt plus its frame budget), not the
 position. Here the position is read on the device and the split programs past it return at once, so a step reads
 the K/V bytes of the filled slots only (flash-decoding: splits of CHUNK slots per KV head, then one combine).
 
-The fast AR's 10 steps per frame attend over at most 11 positions, 40 calls per frame: there one program per KV
+The fast AR's 10 steps per frame attend over at most 10 positions, 40 calls per frame: there one program per KV
 head does it all in one launch (`short_attention`), where SDPA runs flash attention (cuDNN, faster per call on the
 H100, builds a plan per length: runtime/devices.py `skip_cudnn_attention`).
 
