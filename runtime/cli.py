@@ -258,7 +258,7 @@ def synthesize(
     text = _read_text(text, text_file)
     streaming = output == STDOUT
     codes_out = codes_out or _codes_beside(None if streaming else output)
-    check_output(codes_out)  # both outputs are written after the generation: refuse a bad one before it
+    check_output(codes_out, (".npy",))  # both outputs are written after the generation: refuse a bad one first
     if streaming and each_line:
         raise InputError("--each-line writes a file per line: give -o a file name such as takes.wav, not -")
     if streaming and sys.stdout.buffer.isatty():

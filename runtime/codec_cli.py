@@ -128,7 +128,7 @@ def encode(audio: Path, output: Path, full_reference: bool, codec_path: Path, co
 
     Example: s2edge encode voice.wav -o voice.npy
     """
-    check_output(output)
+    check_output(output, (".npy",))
     samples = read_reference_audio(audio, full_reference)
     codec = open_codec(codec_path, codec_config(config_name, codec_path), device, precision, with_encoder=True)
     start = time.perf_counter()

@@ -458,6 +458,7 @@ def test_synthesize_checks_the_codec_before_generating(tiny_checkpoint, tmp_path
 
 @pytest.mark.parametrize("where, message", [
     ("audio_suffix", "use a .wav, .flac, .mp3 or .ogg file name"),
+    ("codes_suffix", "cannot write same.wav: use a .npy file name"),
     ("codes_folder", "it is a folder"),
     ("below_a_file", "is not a folder"),
 ])
@@ -470,13 +471,16 @@ def test_synthesize_checks_its_outputs_before_loading(where, message, tiny_check
     codes, extra = tmp_path / "c.npy", []
     if where == "audio_suffix":
         extra = ["-o", tmp_path / "out.m4a"]
+    elif where == "codes_suffix":  # codes and audio to one file: one would overwrite the other
+        codes, extra = tmp_path / "same.wav", ["-o", tmp_path / "same.wav"]
     elif where == "codes_folder":
-        codes = tmp_path
+        codes = tmp_path / "folder.npy"
+        codes.mkdir()
     else:
         codes = tmp_path / "file" / "c.npy"
     result = synth(tiny_checkpoint, codes, *extra)
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] + (["folder.npy"] if where == "codes_folder" else [])
 
 
 def test_decode_and_encode_check_the_output_first(tmp_path):
@@ -486,6 +490,8 @@ def test_decode_and_encode_check_the_output_first(tmp_path):
     (tmp_path / "file").write_bytes(b"x")
     encoded = run("encode", tmp_path / "absent.wav", "-o", tmp_path / "file" / "r.npy")
     assert encoded.exit_code == 2 and "is not a folder" in encoded.stderr
+    not_npy = run("encode", tmp_path / "absent.wav", "-o", tmp_path / "r.wav")
+    assert not_npy.exit_code == 2 and "cannot write r.wav: use a .npy file name" in not_npy.stderr
 
 
 def test_audio_given_as_codes_points_to_encode(tmp_path):
