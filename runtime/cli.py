@@ -380,16 +380,26 @@ main.add_command(voice)
 main.add_command(cache)
 
 
+def _observed() -> bool:
+    """Whether a tracer or profiler is attached: sys.settrace / sys.setprofile, or (Python 3.12+) a sys.monitoring
+    tool, which cProfile and coverage use there."""
+    if sys.gettrace() is not None or sys.getprofile() is not None:
+        return True
+    monitoring = getattr(sys, "monitoring", None)
+    return monitoring is not None and any(monitoring.get_tool(tool) is not None for tool in range(6))
+
+
 def run() -> None:
     """The `s2edge` program: `main`, then the process ends at once with its exit code. A normal interpreter exit
     frees torch's and CUDA's objects one by one: 0.39 s after a model-sized run, against 0.10-0.14 s for ending
     here (H100, benchmarks/results/cli-wall-*.md). By then every output file is written and closed (atomically);
     only the standard streams hold data, flushed first; a thread still running (the codec's warm-up, after an error)
-    is not waited for. A traceback (--debug) exits normally."""
+    is not waited for. A traceback (--debug), or a profiler, debugger or coverage tool attached (each writes its
+    results at the interpreter's exit), exits normally."""
     try:
         main()
     except SystemExit as done:
-        if done.code is not None and not isinstance(done.code, int):
+        if (done.code is not None and not isinstance(done.code, int)) or _observed():
             raise
         try:
             sys.stdout.flush()

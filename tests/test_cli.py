@@ -605,6 +605,10 @@ def test_the_program_ends_with_its_exit_code_and_every_byte_written(tiny_checkpo
     assert streamed.stderr.decode().rstrip().endswith("frames/s on cpu")
     refused = subprocess.run([*command, "-t", " "], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and refused.stderr == "error: the text to speak is empty\n"
+    # a profiler writes its results at the interpreter's exit: with one attached, the program exits normally
+    profiled = [sys.executable, "-m", "cProfile", "-o", str(tmp_path / "run.prof"), *command[1:]]
+    under_profiler = subprocess.run([*profiled, "-t", " "], capture_output=True, text=True, timeout=300)
+    assert "the text to speak is empty" in under_profiler.stderr and (tmp_path / "run.prof").stat().st_size > 0
 
 
 def test_every_command_runs_without_cudnn_attention(tmp_path):
