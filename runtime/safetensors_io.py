@@ -10,8 +10,11 @@ write and we read what it writes.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -118,38 +121,66 @@ def _read_into(f, view) -> int:
     return done
 
 
-class CudaStaging:
-    """Tensors read from disk into GPU memory through two pinned host buffers of CHUNK bytes, taken in turns: the read
-    of one chunk overlaps the copy of the one before. A pageable tensor's `.to("cuda")` copies synchronously through
-    the driver's own staging, after the whole read: the bf16 checkpoint loaded at 1.0-1.3 GB/s from the page cache
-    that way, and at 6.7 GB/s this way (H100; benchmarks/results/load-bf16-*.md, cli-wall-*.md). Holds 2 x CHUNK of
-    pinned host memory while it lives."""
+@functools.cache
+def _readers() -> ThreadPoolExecutor:
+    """The threads that read staged chunks, shared by every staging of the process (idle between loads)."""
+    return ThreadPoolExecutor(max_workers=CudaStaging.READERS, thread_name_prefix="s2edge-read")
 
-    CHUNK = 32 * 2**20
+
+def _read_chunk(file: Path, offset: int, view: memoryview) -> int:
+    with open(file, "rb", buffering=0) as f:
+        f.seek(offset)
+        return _read_into(f, view)
+
+
+class CudaStaging:
+    """Tensors read from disk into GPU memory through pinned host buffers: READERS threads each read a CHUNK of the
+    file into a buffer of its own while the chunks read before are copied to the GPU. A pageable tensor's
+    `.to("cuda")` copies synchronously through the driver's own staging, after the whole read: the bf16 checkpoint
+    loaded at 1.0-1.3 GB/s from the page cache that way, and at 6.7 GB/s through two buffers in turns with one
+    reader (H100; benchmarks/results/load-bf16-*.md). From the page cache one thread reads 5.4-6.8 GB/s, four 17-23
+    and eight 24-32 (into pinned memory and on to an H200, 4 MiB chunks fastest; bf16 loads 2.3-2.6 -> 1.0-1.1 s:
+    benchmarks/results/load-staging-*.md). Holds 2 x READERS x CHUNK (64 MiB) of pinned host memory while it
+    lives."""
+
+    CHUNK = 4 * 2**20
+    READERS = 8
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.buffers = [torch.empty(self.CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        self.copied: list[torch.cuda.Event | None] = [None, None]  # when each buffer's last copy is done
+        self.buffers = [torch.empty(self.CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2 * self.READERS)]
+        self.copied: list[torch.cuda.Event | None] = [None] * len(self.buffers)  # each buffer's last copy done
         self.turn = 0
 
     def read(self, entry: TensorEntry) -> torch.Tensor:
         out = torch.empty(entry.nbytes, dtype=torch.uint8, device=self.device)
-        with open(entry.file, "rb", buffering=0) as f:
-            f.seek(entry.start)
+        reading: deque[tuple[int, int, int, Future[int]]] = deque()  # (start, size, buffer, its read)
+        try:
             for start in range(0, entry.nbytes, self.CHUNK):
                 size = min(self.CHUNK, entry.nbytes - start)
-                buffer, event = self.buffers[self.turn], self.copied[self.turn]
-                if event is not None:
-                    event.synchronize()
-                got = _read_into(f, buffer[:size].numpy())
-                if got != size:
-                    raise CheckpointError(f"{entry.file.name}: short read ({start + got} of {entry.nbytes} bytes)")
-                out[start:start + size].copy_(buffer[:size], non_blocking=True)
-                self.copied[self.turn] = torch.cuda.Event()
-                self.copied[self.turn].record()
-                self.turn ^= 1
+                index, self.turn = self.turn, (self.turn + 1) % len(self.buffers)
+                if self.copied[index] is not None:
+                    self.copied[index].synchronize()
+                view = memoryview(self.buffers[index].numpy())[:size]
+                reading.append((start, size, index, _readers().submit(_read_chunk, entry.file, entry.start + start,
+                                                                       view)))
+                if len(reading) == self.READERS:
+                    self._copy(out, entry, *reading.popleft())
+            while reading:
+                self._copy(out, entry, *reading.popleft())
+        finally:
+            for *_, pending in reading:  # after an error: no read may still be filling a buffer
+                pending.exception()
         return out.view(entry.dtype).reshape(entry.shape)
+
+    def _copy(self, out: torch.Tensor, entry: TensorEntry, start: int, size: int, index: int,
+              read: Future[int]) -> None:
+        got = read.result()
+        if got != size:
+            raise CheckpointError(f"{entry.file.name}: short read ({start + got} of {entry.nbytes} bytes)")
+        out[start:start + size].copy_(self.buffers[index][:size], non_blocking=True)
+        self.copied[index] = torch.cuda.Event()
+        self.copied[index].record()
 
 
 def write_safetensors(

@@ -138,8 +138,9 @@ def test_our_writer_is_readable_by_the_library(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_staged_reads_land_on_the_gpu_bit_for_bit(tmp_path, monkeypatch):
-    """Reading through CudaStaging (chunks in turns through two pinned buffers; a chunk of 1 KiB here, so every
-    tensor but the empty one spans several and the buffers are reused) gives the CPU read's bytes on the GPU; a
+    """Reading through CudaStaging (chunks read by its threads into pinned buffers, each copied as it arrives; a chunk
+    of 1 KiB here, so every tensor but the empty one spans several, several reads are in flight and the buffers are
+    reused) gives the CPU read's bytes on the GPU; a
     truncated file is a short read."""
     from runtime.safetensors_io import CudaStaging, read_safetensors_header, read_tensor
 
