@@ -129,8 +129,9 @@ def encode(audio: Path, output: Path, full_reference: bool, codec_path: Path, co
     Example: s2edge encode voice.wav -o voice.npy
     """
     check_output(output, (".npy",))
+    config = codec_config(config_name, codec_path)  # a missing or foreign codec.pth fails before the audio is read
     samples = read_reference_audio(audio, full_reference)
-    codec = open_codec(codec_path, codec_config(config_name, codec_path), device, precision, with_encoder=True)
+    codec = open_codec(codec_path, config, device, precision, with_encoder=True)
     start = time.perf_counter()
     codes = codec.encode(samples).cpu().numpy()
     elapsed = time.perf_counter() - start

@@ -42,8 +42,9 @@ def add(name: str, audio: Path, text: str, full_reference: bool, replace: bool, 
     """Encode the recording AUDIO and keep it as the voice NAME (checks as `s2edge encode`)."""
     library = VoiceLibrary(voices_dir)
     library.path(name)  # a bad name fails before any work
+    config = codec_config(config_name, codec_path)
     samples = read_reference_audio(audio, full_reference)
-    codec = open_codec(codec_path, codec_config(config_name, codec_path), device, precision, with_encoder=True)
+    codec = open_codec(codec_path, config, device, precision, with_encoder=True)
     codes = codec.encode(samples).cpu()
     stored = library.save(Voice(name, codes, text, recording_source(audio)), replace=replace)
     click.echo(f"voice '{name}': {stored.frames} frames ({stored.frames / FRAME_RATE:.1f} s) in {library.folder}")

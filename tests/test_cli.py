@@ -492,6 +492,9 @@ def test_decode_and_encode_check_the_output_first(tmp_path):
     assert encoded.exit_code == 2 and "is not a folder" in encoded.stderr
     not_npy = run("encode", tmp_path / "absent.wav", "-o", tmp_path / "r.wav")
     assert not_npy.exit_code == 2 and "cannot write r.wav: use a .npy file name" in not_npy.stderr
+    no_codec = run("encode", RECORDING, "-o", tmp_path / "r.npy", "--codec", tmp_path / "absent.pth")
+    assert no_codec.exit_code != 0 and "absent.pth" in no_codec.stderr
+    assert "warning" not in no_codec.stderr  # the codec is checked before the recording is read
 
 
 def test_audio_given_as_codes_points_to_encode(tmp_path):
