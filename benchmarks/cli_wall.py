@@ -5,8 +5,9 @@ Per precision, three runs of the same command on the full-size synthetic checkpo
 loaded as it is). Triton's kernel cache is whatever the machine has: an empty one adds the compile time to each
 plan's first run (the report gives the count it held). Every line the command prints is time-stamped, which
 splits the wall time into: start -> the reference's codes (imports, checkpoint headers, reading the recording and
-encoding it, or, on every run after the benchmark's first, reading its codes from the cache), plan -> generating (loading), generating -> audio written (the frame loop, loading the decode-only
-codec, decoding, writing the .mp3), and the rest (saving the codes, exit). The synthetic weights speak noise and
+encoding it, or, on every run after the benchmark's first, reading its codes from the cache), plan -> generating
+(loading), generating -> audio written (the frame loop, loading the decode-only codec, decoding, writing the .mp3),
+and the rest (saving the codes, exit). The synthetic weights speak noise and
 rarely stop on their own: each run generates --max-new-tokens frames.
 
 Run on the GPU machine:  python benchmarks/cli_wall.py --workdir /tmp/s2 --out benchmarks/results

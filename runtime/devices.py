@@ -171,7 +171,7 @@ def use_expandable_segments() -> None:
 
 def skip_cudnn_attention() -> None:
     """Leave cuDNN out of torch's attention backends: on the H100, where torch prefers it, it builds a plan for
-    every new sequence length (45-70 ms each, about 1 s for a process's first on a fresh machine) where flash
+    every new sequence length (46-68 ms each, about 1 s for a process's first on a fresh machine) where flash
     attention takes 0.1 ms, and the prefill, the fast AR's growing context and the codec's pieces each bring new
     lengths. A warm `synthesize` spent 0.35-1.0 s less from "generating" to the audio written without it
     (benchmarks/results/cli-wall-*.md). Flash, memory-efficient and math remain; the attention is the same."""

@@ -94,9 +94,7 @@ def read_tensor(entry: TensorEntry, staging: CudaStaging | None = None) -> torch
     if staging is not None:
         return staging.read(entry)
     data = torch.empty(entry.nbytes, dtype=torch.uint8)
-    with open(entry.file, "rb") as f:
-        f.seek(entry.start)
-        got = f.readinto(data.numpy())
+    got = _read_chunk(entry.file, entry.start, memoryview(data.numpy()))
     if got != entry.nbytes:
         raise CheckpointError(f"{entry.file.name}: short read ({got} of {entry.nbytes} bytes)")
     return data.view(entry.dtype).reshape(entry.shape)

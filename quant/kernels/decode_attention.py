@@ -7,8 +7,8 @@ position. Here the position is read on the device and the split programs past it
 the K/V bytes of the filled slots only (flash-decoding: splits of CHUNK slots per KV head, then one combine).
 
 The fast AR's 10 steps per frame attend over at most 10 positions, 40 calls per frame: there one program per KV
-head does it all in one launch (`short_attention`), where SDPA runs flash attention (cuDNN, faster per call on the
-H100, builds a plan per length: runtime/devices.py `skip_cudnn_attention`).
+head does it all in one launch (`short_attention`), where SDPA runs flash attention (cuDNN, faster per call on Hopper,
+builds a plan per length: runtime/devices.py `skip_cudnn_attention`).
 
 Numerics: scores and the softmax in fp32, the probabilities rounded to the activation dtype for the product with V
 (as flash-attention kernels do), accumulated in fp32, one rounding at the end; against fp32 SDPA the error is
