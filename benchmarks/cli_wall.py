@@ -16,10 +16,8 @@ Run on the GPU machine:  python benchmarks/cli_wall.py --workdir /tmp/s2 --out b
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -31,6 +29,9 @@ import triton
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from report import run_notes, write_page  # noqa: E402
 
 from runtime.encoded_cache import FOLDER  # noqa: E402
 
@@ -45,11 +46,12 @@ TEXT = "Hello from s2edge. This sentence is spoken in the voice of the recording
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"} | {"PYTHONUNBUFFERED": "1"}
 
 
-def timed_lines(command: list[str]) -> tuple[float, list[tuple[float, str]], int]:
+def timed_lines(command: list[str], env: dict[str, str] = ENV,
+                cwd: Path | None = None) -> tuple[float, list[tuple[float, str]], int]:
     """Run `command`, stamping each line of its merged output with the seconds since the start."""
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env=ENV)
+                            env=env, cwd=cwd)
     lines = [(time.perf_counter() - start, line.rstrip("\n")) for line in proc.stdout]
     code = proc.wait()
     return time.perf_counter() - start, lines, code
@@ -67,6 +69,17 @@ def phases(wall: float, lines: list[tuple[float, str]]) -> dict[str, float | str
     return {"wall": wall, "encoded": encoded, "load": None if plan is None or generating is None else generating - plan,
             "generate_decode": None if generating is None or audio is None else audio - generating,
             "frames": frames, "rate": rate}
+
+
+def phase_table(rows: list[dict], leading: list[str]) -> list[str]:
+    """A markdown table of runs: each row's `leading` columns, then its phases (`phases` and its exit code)."""
+    seconds = (lambda v: "-" if v is None else f"{v:.1f}")
+    header = [*leading, "wall s", "to the reference's codes", "loading", "frames + codec + .mp3", "frames",
+              "frames/s (its own line)", "exit"]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join([*(str(r[c]) for c in leading), seconds(r["wall"]), seconds(r["encoded"]), seconds(r["load"]),
+                           seconds(r["generate_decode"]), r["frames"] or "-", r["rate"] or "-", str(r["code"])]) + " |"
+        for r in rows]
 
 
 def main() -> None:
@@ -104,27 +117,16 @@ def main() -> None:
             print(row, flush=True)
             rows.append(row)
     props = torch.cuda.get_device_properties(0)
-    seconds = (lambda v: "-" if v is None else f"{v:.1f}")
-    table = ["| precision | run | wall s | to the reference's codes | loading | frames + codec + .mp3 | frames | "
-             "frames/s (its own line) | exit |", "|---|---|---|---|---|---|---|---|---|"]
-    table += [f"| {r['precision']} | {r['run']} | {seconds(r['wall'])} | {seconds(r['encoded'])} | "
-              f"{seconds(r['load'])} | {seconds(r['generate_decode'])} | {r['frames'] or '-'} | {r['rate'] or '-'} | "
-              f"{r['code']} |" for r in rows]
-    now = datetime.datetime.now(datetime.timezone.utc)
-    report = [f"# `s2edge synthesize` end to end, as a user runs it ({props.name})", "",
-              f"- date: {now:%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, triton {triton.__version__}, "
-              f"Python {sys.version.split()[0]}; Triton's kernel cache held {compiled} kernels at the start",
-              f"- command: `python benchmarks/cli_wall.py {shlex.join(sys.argv[1:])}`",
-              f"- each row a fresh process: `s2edge synthesize -r {RECORDING.name} --reference-text ... -t \"{TEXT}\" "
-              f"--max-new-tokens {args.frames} --precision P -o out.mp3` on the full-size synthetic checkpoint "
-              f"(a 7.1 s recording at 16 kHz, encoded on the GPU "
-              + ("by every run" if args.encode_every_run else "by the first run, its codes read from the cache by the "
-                 "others") + "); Python bytecode cached (PYTHONPYCACHEPREFIX)", "",
-              *table, ""]
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"cli-wall-{props.name.replace(' ', '-')}-{now:%Y-%m-%d}.md"
-    path.write_text("\n".join(report))
-    print(f"wrote {path}")
+    table = phase_table(rows, ["precision", "run"])
+    date, notes = run_notes()
+    write_page(args.out, "cli-wall", props.name, date, [
+        f"# `s2edge synthesize` end to end, as a user runs it ({props.name})", "", *notes,
+        f"- Python {sys.version.split()[0]}; Triton's kernel cache held {compiled} kernels at the start",
+        f"- each row a fresh process: `s2edge synthesize -r {RECORDING.name} --reference-text ... -t \"{TEXT}\" "
+        f"--max-new-tokens {args.frames} --precision P -o out.mp3` on the full-size synthetic checkpoint "
+        f"(a 7.1 s recording at 16 kHz, encoded on the GPU "
+        + ("by every run" if args.encode_every_run else "by the first run, its codes read from the cache by the "
+           "others") + "); Python bytecode cached (PYTHONPYCACHEPREFIX)", "", *table])
 
 
 if __name__ == "__main__":

@@ -25,9 +25,16 @@ def run_notes() -> tuple[str, list[str]]:
 def write_measured(out: Path, name: str, gpu: str, date: str, title: str, notes: list[str],
                    rows: list[tuple[str, str]]) -> None:
     """Print the page (`# title`, the notes, the table) and save it as out/<name>-<gpu slug>-<date>.md."""
-    lines = [f"# {title}", "", *notes, "", "| what | measured |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
+    write_page(out, name, gpu, date, [f"# {title}", "", *notes, "", "| what | measured |", "|---|---|",
+                                      *[f"| {k} | {v} |" for k, v in rows]])
+
+
+def write_page(out: Path, name: str, gpu: str, date: str, lines: list[str]) -> Path:
+    """Print `lines` and save them as the page out/<name>-<gpu slug>-<date>.md; its path."""
     text = "\n".join(lines) + "\n"
     print(text)
     slug = gpu.replace(" ", "-").replace("/", "-")
+    out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / f"{name}-{slug}-{date}.md") as tmp:
         tmp.write_text(text)
+    return out / f"{name}-{slug}-{date}.md"

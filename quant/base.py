@@ -70,6 +70,14 @@ class QuantizedLinear(nn.Module, ABC):
         gated form and `up` is laid out like this layer; None otherwise (the caller runs the two layers)."""
         return None
 
+    @classmethod
+    def ahead_calls(cls, out_features: int, in_features: int, x_dtype: torch.dtype, device: torch.device,
+                    gated: bool = False) -> list[Callable[[], object]]:
+        """Calls that compile, each on small stand-in tensors, the kernels the first one-token forward of such a
+        layer times (gated: its gated form with an up layer alike), so that they can compile in threads while
+        the weights load (runtime/compile_ahead.py). None by default."""
+        return []
+
     def gemv_applies(self, x: Tensor) -> bool:
         """Whether `forward(x)` takes the kernel path: one token, CUDA, Triton present, format-specific limits."""
         from quant.kernels import kernels_supported
@@ -134,6 +142,13 @@ class RowScaledLinear(QuantizedLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return (self.weight.float() * self.scale).to(dtype)
 
+    @classmethod
+    def ahead_calls(cls, out_features: int, in_features: int, x_dtype: torch.dtype, device: torch.device,
+                    gated: bool = False) -> list[Callable[[], object]]:
+        from quant.kernels.gemv8 import ahead_calls
+
+        return ahead_calls(out_features, in_features, cls.element_dtype, x_dtype, device, gated)
+
     def gemv(self, x: Tensor) -> Tensor:
         from quant.kernels.gemv8 import gemv8
 
@@ -155,6 +170,16 @@ class FloatLinear(nn.Linear):
 
         return (x.is_cuda and x.numel() == self.in_features and self.bias is None and x.dtype == self.weight.dtype
                 and x.dtype in (torch.bfloat16, torch.float16) and kernels_supported(x.device))
+
+    @classmethod
+    def ahead_calls(cls, out_features: int, in_features: int, x_dtype: torch.dtype, device: torch.device,
+                    gated: bool = False) -> list[Callable[[], object]]:
+        """As QuantizedLinear.ahead_calls, for weights of x's dtype (the only ones the kernels take)."""
+        if x_dtype not in (torch.bfloat16, torch.float16):
+            return []
+        from quant.kernels.gemv8 import ahead_calls
+
+        return ahead_calls(out_features, in_features, x_dtype, x_dtype, device, gated)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gemv_applies(x):  # the first call per shape times the candidates (a sync): before graph capture

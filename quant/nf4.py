@@ -18,7 +18,7 @@ torch._dynamo), which every start-up from a pre-quantized store would otherwise 
 from __future__ import annotations
 
 import json
-from typing import Mapping, Self
+from typing import Callable, Mapping, Self
 
 import torch
 from torch import Tensor
@@ -132,6 +132,16 @@ class NF4Linear(QuantizedLinear):
         from quant.kernels.gemv_nf4 import kernel_accepts
 
         return kernel_accepts(self.in_features, self.blocksize)
+
+    @classmethod
+    def ahead_calls(cls, out_features: int, in_features: int, x_dtype: torch.dtype, device: torch.device,
+                    gated: bool = False) -> list[Callable[[], object]]:
+        """As QuantizedLinear.ahead_calls, for fp16 block scales (those of any weight with normal-range scales)."""
+        from quant.kernels.gemv_nf4 import ahead_calls, kernel_accepts
+
+        if not kernel_accepts(in_features, BLOCKSIZE):
+            return []
+        return ahead_calls(out_features, in_features, BLOCKSIZE, torch.float16, x_dtype, device, gated)
 
     def gemv(self, x: Tensor) -> Tensor:
         from quant.kernels.gemv_nf4 import gemv_nf4

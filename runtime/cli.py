@@ -17,7 +17,7 @@ import click
 import numpy as np
 import torch
 
-from quant.kernels import hash_triton_in_background, kernels_supported
+from quant.kernels import compile_cache_empty, hash_triton_in_background, kernels_supported
 from quant.kernels.choices import KERNEL_CHOICES, remember_in
 from runtime import __version__
 from runtime.audio import check_audio_output
@@ -293,6 +293,9 @@ def synthesize(
         click.echo(f"warning: {choice.warning}", err=True)
     open_decoder = lambda: open_codec(codec_file, codec_arch, device, "auto", with_encoder=False)  # noqa: E731
     prepared = _beside_the_load(open_decoder) if output is not None and target.type == "cuda" else None
+    if kernels_supported(target) and compile_cache_empty():
+        click.echo("note: Triton's kernel cache is empty: the GPU kernels compile while the model loads and in the "
+                   "first frame (once per machine: that run took 19-33 s on an H100 host, later ones 5-6 s)", err=True)
     loaded = None
     for chosen in (choice.plan, *fallbacks(choice)):
         formats = WeightFormats(chosen.slow_format, chosen.fast_format)

@@ -10,6 +10,7 @@ reloaded from it on later starts without touching the bf16 weights.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from quant.base import FORMATS, QuantizedLinear, load_linear, quantize_linear
+from quant.base import FORMATS, FloatLinear, QuantizedLinear, format_class, load_linear, quantize_linear
 from quant.store import StaleStoreError, load_store, save_store
 from runtime.checkpoint import Checkpoint, open_checkpoint, validate
+from runtime.compile_ahead import compiling_ahead
 from runtime.config import ModelConfig
 from runtime.errors import CheckpointError, InputError, ResourceError
 from runtime.files import file_fingerprint
@@ -122,30 +124,20 @@ def store_path(cache_dir: Path, checkpoint: Path, formats: WeightFormats) -> Pat
     return cache_dir / f"{checkpoint.resolve().name}-{formats.slow}-{formats.fast}.safetensors"
 
 
-def load_model(
-    folder: str | os.PathLike,
-    device: torch.device,
-    dtype: torch.dtype = torch.bfloat16,
-    on_tensor: Callable[[str, int], None] | None = None,
-    formats: WeightFormats = WeightFormats(),
-    store: Path | None = None,
-    embeddings_on_host: bool = False,
-) -> LoadedModel:
-    """Open, validate and load a checkpoint. `on_tensor(key, nbytes)` reports progress per tensor read.
+def layer_class(checkpoint: Checkpoint, formats: WeightFormats, key: str) -> type[FloatLinear | QuantizedLinear]:
+    """The class loading gives the linear whose weight is `key`: FP8 for a float8 tensor (s2-pro-fp8), the plan's
+    format, or FloatLinear where the plan keeps it float."""
+    if checkpoint.tensors[key].dtype == torch.float8_e4m3fn:
+        return format_class("fp8")
+    fmt = linear_format(key, formats)
+    return FloatLinear if fmt is None else format_class(fmt)
 
-    With quantized `formats` and a `store` path: reuse the store if it was made from these files, else quantize
-    while loading and write the store for next time. `embeddings_on_host` keeps the text embedding table in host
-    RAM (read at prefill only; the head's legal rows are copied to `device`).
-    """
-    checkpoint = open_checkpoint(folder)
-    validate(checkpoint, allow_extra_suffixes=(SCALE_SUFFIX,))
-    tokenizer = Tokenizer(checkpoint.tokenizer_path)
-    config = reconcile_tokenizer(checkpoint.config, tokenizer)
-    if formats.quantized and device.type != "cuda" and "nf4" in (formats.slow, formats.fast):
-        raise ResourceError("nf4 needs a CUDA GPU (bitsandbytes); use bf16 or fp32 on the CPU")
-    with meta_device():
-        model = DualAR(config)
-    model.legal_ids = model.legal_ids.to(device)
+
+def fill_model(model: DualAR, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
+               on_tensor: Callable[[str, int], None] | None, formats: WeightFormats, store: Path | None,
+               embeddings_on_host: bool) -> list[str]:
+    """Read every tensor of `checkpoint` into `model` (built on the meta device) as load_model says, reusing the
+    store or writing it; the warnings."""
     hashes = source_hashes(checkpoint) if store is not None and formats.quantized else {}
     stored: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
     staging = cuda_staging(device)  # reads straight into GPU memory
@@ -189,5 +181,34 @@ def load_model(
         except OSError as exc:  # a full disk or an unwritable cache folder costs the next run a quantization only
             warnings.append(f"could not save the quantized weights to {store} ({exc.strerror or exc}): the next run "
                             "quantizes them again (--cache-dir picks another folder)")
+    return warnings
+
+
+def load_model(
+    folder: str | os.PathLike,
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    on_tensor: Callable[[str, int], None] | None = None,
+    formats: WeightFormats = WeightFormats(),
+    store: Path | None = None,
+    embeddings_on_host: bool = False,
+) -> LoadedModel:
+    """Open, validate and load a checkpoint. `on_tensor(key, nbytes)` reports progress per tensor read.
+
+    With quantized `formats` and a `store` path: reuse the store if it was made from these files, else quantize
+    while loading and write the store for next time. `embeddings_on_host` keeps the text embedding table in host
+    RAM (read at prefill only; the head's legal rows are copied to `device`).
+    """
+    checkpoint = open_checkpoint(folder)
+    validate(checkpoint, allow_extra_suffixes=(SCALE_SUFFIX,))
+    tokenizer = Tokenizer(checkpoint.tokenizer_path)
+    config = reconcile_tokenizer(checkpoint.config, tokenizer)
+    if formats.quantized and device.type != "cuda" and "nf4" in (formats.slow, formats.fast):
+        raise ResourceError("nf4 needs a CUDA GPU (bitsandbytes); use bf16 or fp32 on the CPU")
+    with meta_device():
+        model = DualAR(config)
+    model.legal_ids = model.legal_ids.to(device)
+    with compiling_ahead(model, functools.partial(layer_class, checkpoint, formats), dtype, device):
+        warnings = fill_model(model, checkpoint, device, dtype, on_tensor, formats, store, embeddings_on_host)
     model.eval()
     return LoadedModel(model, tokenizer, checkpoint, tuple(warnings))

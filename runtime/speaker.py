@@ -16,7 +16,6 @@ from typing import Callable
 import click
 import torch
 
-from quant.kernels import compile_cache_empty, kernels_supported
 from runtime.audio import FRAME_RATE, WavPipe
 from runtime.codec import Codec, decode_to_file
 from runtime.codec_cli import save_codes
@@ -58,9 +57,6 @@ class Speaker:
         if frames < config.max_new_tokens:
             click.echo(f"note: at most {frames} frames fit in --max-context {config.max_context} beside the "
                        f"{prompt.shape[1]}-token prompt", err=True)
-        if target.type == "cuda" and kernels_supported(target) and compile_cache_empty():
-            click.echo("note: Triton's kernel cache is empty: the first frame compiles the GPU kernels (once per "
-                       "machine; 15-22 s on an H100 or H200 host, longer on slower CPUs)", err=True)
         streamer = None
         if streaming:  # the codec loads before the generation, so that audio comes out while it runs
             codec = self.codec()

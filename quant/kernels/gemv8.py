@@ -14,6 +14,8 @@ SiLU(gate) * up with swiglu.py's arithmetic: one launch where the two GEMVs and 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -21,7 +23,7 @@ import triton.language as tl
 
 from quant.kernels import fp8_native
 from quant.kernels.swiglu import silu_mul, silu_times
-from quant.kernels.tiles import TILES, Tile, fastest, step_columns
+from quant.kernels.tiles import TILES, Tile, ahead, fastest, stand_in_rows, step_columns
 
 
 @triton.jit
@@ -125,8 +127,7 @@ def gemv8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fp8_bit
         key = (n, k, weight.dtype, fp8_bits, gated, x.dtype, x.device)
         if key not in _tiles:
             tensors = (weight, scale, up_weight, up_scale) if gated else (weight, scale)
-            _tiles[key] = fastest(tensors, TILES, lambda t, w, s, *u: _launch(x, w, s, *(u or (w, s)), fp8_bits,
-                                                                               gated, t), ("gemv8", *key))
+            _tiles[key] = fastest(tensors, TILES, _scaled_runner(x, fp8_bits, gated), ("gemv8", *key))
         tile = _tiles[key]
     return _launch(x, weight, scale, up_weight, up_scale, fp8_bits, gated, tile)
 
@@ -147,10 +148,37 @@ def gemv_float(x: torch.Tensor, weight: torch.Tensor, *, up: torch.Tensor | None
         key = (n, k, weight.dtype, False, up is not None, x.dtype, x.device)
         if key not in _tiles:
             tensors = (weight,) if up is None else (weight, up)
-            _tiles[key] = fastest(tensors, (None, *TILES), lambda t, w, *u: _float(x, w, u[0] if u else None, t),
-                                  ("gemv_float", *key))
+            _tiles[key] = fastest(tensors, (None, *TILES), _float_runner(x), ("gemv_float", *key))
         tile = _tiles[key]
     return _float(x, weight, up, tile)
+
+
+def ahead_calls(n: int, k: int, weight_dtype: torch.dtype, x_dtype: torch.dtype, device: torch.device,
+                gated: bool = False) -> list[Callable[[], object]]:
+    """The compiling calls (tiles.ahead) of the first `gemv8` (int8 / float8_e4m3fn weights) or `gemv_float`
+    (bf16 / fp16) of an N x K weight, on zero stand-ins; gated: the form with an up weight alike."""
+    x = torch.zeros(k, dtype=x_dtype, device=device)
+    rows = stand_in_rows(n)
+    if weight_dtype in (torch.bfloat16, torch.float16):
+        weight = torch.zeros(rows, k, dtype=weight_dtype, device=device)
+        return ahead(("gemv_float", n, k, weight_dtype, False, gated, x_dtype, x.device),
+                     (weight, weight) if gated else (weight,), (None, *TILES), _float_runner(x))
+    fp8_bits = weight_dtype == torch.float8_e4m3fn and not fp8_native(x.device)
+    weight = torch.zeros(rows, k, dtype=torch.uint8 if fp8_bits else weight_dtype, device=device)
+    scale = torch.zeros(rows, 1, dtype=torch.float32, device=device)
+    tensors = (weight, scale, weight, scale) if gated else (weight, scale)
+    return ahead(("gemv8", n, k, weight.dtype, fp8_bits, gated, x_dtype, x.device), tensors, TILES,
+                 _scaled_runner(x, fp8_bits, gated))
+
+
+def _scaled_runner(x: torch.Tensor, fp8_bits: bool, gated: bool) -> Callable[..., torch.Tensor]:
+    """run(tile, weight, scale[, up weight, up scale]) -> gemv8's product with that tile."""
+    return lambda tile, w, s, *up: _launch(x, w, s, *(up or (w, s)), fp8_bits, gated, tile)
+
+
+def _float_runner(x: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """run(tile or None for cuBLAS, weight[, up weight]) -> gemv_float's product."""
+    return lambda tile, w, *up: _float(x, w, up[0] if up else None, tile)
 
 
 def _float(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None, tile: Tile | None) -> torch.Tensor:

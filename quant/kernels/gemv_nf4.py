@@ -27,6 +27,7 @@ rows; the 8 products of a word are summed in the thread that holds it, and rows 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import triton
@@ -34,7 +35,7 @@ import triton.language as tl
 
 from quant.kernels import gemv_nf4_ptx
 from quant.kernels.swiglu import silu_mul
-from quant.kernels.tiles import TILES, Tile, fastest, step_columns
+from quant.kernels.tiles import TILES, Tile, ahead, fastest, stand_in_rows, step_columns
 
 # One word [BLOCK_N, NW] int32 ($8) and the code table's address ($9) -> the word's 8 NF4 values, nibble order
 # (value i from bits 4i..4i+3). ptxas hoists the lane's table read out of the unrolled loop (one LDG per kernel).
@@ -180,9 +181,27 @@ def gemv_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: 
         return _run(TritonChoice(tile, shuffle), x, words, absmax, code, blocksize)
     key = (n, k, blocksize, absmax.dtype, x.dtype, x.device)
     if key not in _choice:
-        _choice[key] = fastest((words, absmax), candidates(x, k, blocksize),
-                               lambda choice, w, a: _run(choice, x, w, a, code, blocksize), ("gemv_nf4", *key))
+        _choice[key] = fastest((words, absmax), candidates(x, k, blocksize), _runner(x, code, blocksize),
+                               ("gemv_nf4", *key))
     return _run(_choice[key], x, words, absmax, code, blocksize)
+
+
+def ahead_calls(n: int, k: int, blocksize: int, scale_dtype: torch.dtype, x_dtype: torch.dtype,
+                device: torch.device, gated: bool = False) -> list[Callable[[], object]]:
+    """The compiling calls (tiles.ahead) of the first `gemv_nf4` (gated: `gemv_nf4_gated`) of an N x K weight, on
+    zero stand-ins. The gated form's first call also times the plain GEMVs at N x K: the same kernels."""
+    x = torch.zeros(k, dtype=x_dtype, device=device)
+    code = torch.zeros(16, dtype=torch.float32, device=device)
+    rows = stand_in_rows(n)
+    words = torch.zeros(rows, k // 8, dtype=torch.int32, device=device)
+    absmax = torch.zeros(rows, k // blocksize, dtype=scale_dtype, device=device)
+    if not gated:
+        return ahead(("gemv_nf4", n, k, blocksize, scale_dtype, x_dtype, x.device), (words, absmax),
+                     candidates(x, k, blocksize), _runner(x, code, blocksize))
+    if not gemv_nf4_ptx.accepts(x, k, blocksize):
+        return []
+    return ahead(("gemv_nf4_gated", n, k, blocksize, scale_dtype, x.device), (words, absmax, words, absmax),
+                 [None, *gated_plans(k)], _gated_runner(x, code, blocksize))
 
 
 def candidates(x: torch.Tensor, k: int, blocksize: int) -> list[TritonChoice | gemv_nf4_ptx.Plan]:
@@ -194,6 +213,11 @@ def candidates(x: torch.Tensor, k: int, blocksize: int) -> list[TritonChoice | g
     plans = [plan for plan in gemv_nf4_ptx.PLANS if plan.fits(k)] if gemv_nf4_ptx.accepts(x, k, blocksize) else []
     shuffle = x.dtype == torch.bfloat16 and not plans
     return [choice for choice in TRITON_CHOICES if not choice.shuffle or shuffle] + plans
+
+
+def _runner(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> Callable[..., torch.Tensor]:
+    """run(choice, words, absmax) -> x @ dequant(that weight).T with the configuration `choice`."""
+    return lambda choice, words, absmax: _run(choice, x, words, absmax, code, blocksize)
 
 
 def _run(choice: TritonChoice | gemv_nf4_ptx.Plan, x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor,
@@ -226,20 +250,29 @@ def gemv_nf4_gated(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor], up:
     words, up_words = packed.view(torch.int32), up_packed.view(torch.int32)
     key = (n, k, blocksize, absmax.dtype, x.device)
     if key not in _gated_plan:
-        def run(plan: gemv_nf4_ptx.Plan | None, w: torch.Tensor, a: torch.Tensor, uw: torch.Tensor,
-                ua: torch.Tensor) -> torch.Tensor:
-            if plan is None:  # the three launches
-                return silu_mul(gemv_nf4(x, w.view(torch.uint8), a, code, blocksize),
-                                gemv_nf4(x, uw.view(torch.uint8), ua, code, blocksize))
-            return gemv_nf4_ptx.gemv_nf4_ptx(x, w, a, code, blocksize, plan, up=(uw, ua))
-
-        plans = [plan for plan in gemv_nf4_ptx.PLANS if plan.rows == 2 and plan.fits(k)]
-        _gated_plan[key] = fastest((words, absmax, up_words, up_absmax), [None, *plans], run,
-                                   ("gemv_nf4_gated", *key))
+        _gated_plan[key] = fastest((words, absmax, up_words, up_absmax), [None, *gated_plans(k)],
+                                   _gated_runner(x, code, blocksize), ("gemv_nf4_gated", *key))
     plan = _gated_plan[key]
     if plan is None:
         return None
     return gemv_nf4_ptx.gemv_nf4_ptx(x, words, absmax, code, blocksize, plan, up=(up_words, up_absmax))
+
+
+def gated_plans(k: int) -> list[gemv_nf4_ptx.Plan]:
+    """The PTX plans with a gated form at K (two rows per item: the gate's row and the up weight's)."""
+    return [plan for plan in gemv_nf4_ptx.PLANS if plan.rows == 2 and plan.fits(k)]
+
+
+def _gated_runner(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> Callable[..., torch.Tensor]:
+    """run(plan, words, absmax, up words, up absmax) -> the gated product; plan None: the three launches."""
+    def run(plan: gemv_nf4_ptx.Plan | None, w: torch.Tensor, a: torch.Tensor, uw: torch.Tensor,
+            ua: torch.Tensor) -> torch.Tensor:
+        if plan is None:
+            return silu_mul(gemv_nf4(x, w.view(torch.uint8), a, code, blocksize),
+                            gemv_nf4(x, uw.view(torch.uint8), ua, code, blocksize))
+        return gemv_nf4_ptx.gemv_nf4_ptx(x, w, a, code, blocksize, plan, up=(uw, ua))
+
+    return run
 
 
 def chosen_paths() -> dict[tuple, str]:

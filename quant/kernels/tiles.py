@@ -10,6 +10,7 @@ times the candidates (`fastest`) the way decode runs them: in a CUDA graph, each
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 from concurrent.futures import ThreadPoolExecutor
@@ -138,6 +139,31 @@ def first_calls(tensors: tuple[torch.Tensor, ...], candidates: Sequence[Candidat
     return runnable
 
 
+def kept_index(device: torch.device, key: tuple, candidates: Sequence) -> int | None:
+    """The index of an earlier process's choice for `key` among `candidates`, where choices.remember_in gave a file."""
+    memory = choices.current()
+    return None if memory is None else memory.recall(device, key, candidates)
+
+
+def stand_in_rows(n: int) -> int:
+    """Rows of a stand-in weight on which the kernels compile what they compile for `n` rows: Triton specializes an
+    integer argument only on its width, on being 1 and on divisibility by 16, and the GEMVs take N as such an
+    argument (K, the tile and the flags are compile-time constants). 16 + n % 16 rows (n itself where fewer)."""
+    return min(n, 16 + n % 16)
+
+
+def ahead(key: tuple, tensors: tuple[torch.Tensor, ...], candidates: Sequence[Candidate],
+          run: Callable[..., Any]) -> list[Callable[[], Any]]:
+    """One call per candidate that `fastest(tensors, candidates, run, key)` would compile for its first call: each
+    runs its candidate once on `tensors`, stand-ins shaped like the weights (stand_in_rows), compiling it.
+    None where a candidate is the library's path (cuBLAS, or the separate launches of a gated form): nothing of ours
+    to compile. None at all where an earlier process's choice is kept: the first call then runs that one alone,
+    which loads it from Triton's cache as quickly as a thread would."""
+    if kept_index(tensors[0].device, key, candidates) is not None:
+        return []
+    return [functools.partial(run, candidate, *tensors) for candidate in candidates if candidate is not None]
+
+
 NEAR = 0.05  # candidates within this fraction of the quickest are timed again
 ROUNDS = 3  # timings of each such candidate, interleaved; the median decides
 CALLS = 36  # calls per timed replay at least (one per slow-AR layer): the graph's own launch stays a small part
@@ -157,8 +183,8 @@ def fastest(tensors: tuple[torch.Tensor, ...], candidates: Sequence[Candidate], 
     each was not enough either: NF4 2560x4096's two best plans, 3 % apart, swapped in one of five processes; so the
     near ones are timed again, in turns, and their medians compared (benchmarks/results/kernel-choice-*.md).
     """
-    memory, device, listed = choices.current(), tensors[0].device, candidates
-    if memory is not None and (known := memory.recall(device, key, listed)) is not None:
+    device, listed = tensors[0].device, candidates
+    if (known := kept_index(device, key, listed)) is not None:
         return listed[known]
     candidates = first_calls(tensors, candidates, run)
     sets = cold_copies(tensors)
@@ -176,6 +202,6 @@ def fastest(tensors: tuple[torch.Tensor, ...], candidates: Sequence[Candidate], 
                 times[i].append(timed(i))
     medians = {i: statistics.median(times[i]) for i in near}
     choice = candidates[min(near, key=lambda i: (medians[i], i))]
-    if memory is not None:
+    if (memory := choices.current()) is not None:
         memory.keep(device, key, listed, choice)
     return choice

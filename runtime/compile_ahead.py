@@ -1,0 +1,121 @@
+"""Compiling the decode's GEMV kernels in threads while the weights load.
+
+Why: the first run on a machine (Triton's kernel cache empty) compiled every GEMV candidate the first frame times
+shape after shape, as decode reached it: 27 s from "generating" to the audio for the NF4 plan on an H100 host, most
+of it in 65 GEMV compiles (benchmarks/results/first-run-*.md). The shapes and formats are known once the model is
+built on the meta device, and a kernel's compilation depends on K, the dtypes, the flags and the candidate, not on
+N: so the candidates compile on small zero stand-ins (tiles.stand_in_rows) beside the loading, and the first
+frame's calls find them compiled and only time them. NF4's first run: 32.6 s instead of 36.1 on that host. The
+compiles, not the loading, then bound it: Triton's front end holds the GIL (WORKERS). Runs whose choices are kept
+(quant/kernels/choices.py) compile nothing here.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from quant.base import FloatLinear, QuantizedLinear
+from quant.kernels import kernels_supported
+
+LayerClass = type[FloatLinear] | type[QuantizedLinear]
+
+
+@dataclass(frozen=True)
+class DecodeGemv:
+    """One distinct batch-1 GEMV of a decode frame: a layer class and its shape; `gated`: the FFN's gate with its
+    up layer in one launch."""
+
+    layer: LayerClass
+    out_features: int
+    in_features: int
+    gated: bool = False
+
+
+def decode_gemvs(model: nn.Module, layer_class: Callable[[str], LayerClass]) -> list[DecodeGemv]:
+    """The distinct GEMVs of one frame of `model` (a DualAR, on the meta device is enough): each stack's first block
+    (its blocks are alike), the fast AR's output layer and the slow head over the legal ids. `layer_class(weight
+    key)` names the class loading will give each linear."""
+    gemvs = []
+    for stack in ("layers", "fast_layers"):
+        block = getattr(model, stack)[0]
+        for name, gated in (("attention.wqkv", False), ("attention.wo", False), ("feed_forward.w1", True),
+                            ("feed_forward.w2", False)):
+            linear = block.get_submodule(name)
+            gemvs.append(DecodeGemv(layer_class(f"{stack}.0.{name}.weight"), linear.out_features,
+                                    linear.in_features, gated))
+    gemvs.append(DecodeGemv(layer_class("fast_output.weight"), model.fast_output.out_features,
+                            model.fast_output.in_features))
+    gemvs.append(DecodeGemv(FloatLinear, model.legal_ids.numel(), model.config.dim))
+    return list(dict.fromkeys(gemvs))
+
+
+# Threads compiling at once. Triton's front end runs in Python, so a compile holds the GIL much of the time, and
+# the loading beside it needs the GIL for every chunk it reads. NF4's first run on H100 hosts (16 cores): 37.1 s with
+# 16 threads and 28.8 with 8 on one host; 32.6 with 8 and 31.4 with 4 on another (47.6 compiling in the first frame
+# instead); bf16's GEMVs compiled as fast on 4 as on 8 (benchmarks/results/first-run-*.md).
+WORKERS = 4
+
+
+class AheadCompiles:
+    """The GEMV candidates of `gemvs` compiled on threads from construction on; `finish` waits for them, `abandon`
+    drops the ones not started. A call that fails (a candidate this GPU cannot run, out of memory) is dropped: the
+    first frame's call meets the same and deals with it where it belongs."""
+
+    def __init__(self, gemvs: list[DecodeGemv], dtype: torch.dtype, device: torch.device,
+                 workers: int | None = None) -> None:
+        self._gemvs, self._dtype, self._device = gemvs, dtype, device
+        self._workers = workers or min(WORKERS, os.cpu_count() or 1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="s2edge-compile", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        calls = []
+        for gemv in self._gemvs:
+            calls += self._on_device(lambda g=gemv: g.layer.ahead_calls(g.out_features, g.in_features, self._dtype,
+                                                                          self._device, g.gated)) or []
+        with ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="s2edge-compile") as pool:
+            list(pool.map(self._on_device, calls))
+
+    def _on_device(self, call: Callable[[], Any]) -> Any:
+        """call() with the device current (unless abandoned); None where it raised: the first frame's call raises
+        it again, where it belongs."""
+        if self._stop.is_set():
+            return None
+        with torch.cuda.device(self._device) if self._device.type == "cuda" else nullcontext():
+            try:
+                return call()
+            except Exception:  # noqa: BLE001
+                return None
+
+    def finish(self) -> None:
+        self._thread.join()
+
+    def abandon(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@contextmanager
+def compiling_ahead(model: nn.Module, layer_class: Callable[[str], LayerClass], dtype: torch.dtype,
+                    device: torch.device) -> Iterator[None]:
+    """Compile `model`'s decode GEMVs on `device` while the block runs (the loading); wait for them at its end, or
+    drop those not started where it raises. Nothing where our kernels do not run on `device`."""
+    if not kernels_supported(device):
+        yield
+        return
+    compiles = AheadCompiles(decode_gemvs(model, layer_class), dtype, device)
+    try:
+        yield
+    except BaseException:
+        compiles.abandon()
+        raise
+    compiles.finish()
