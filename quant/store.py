@@ -88,18 +88,17 @@ def load_store(
     reason = _hash_mismatch(stored_hashes, dict(source_hashes))
     if reason:
         raise StaleStoreError(f"{path.name}: made from other source files ({reason})")
+    keys = [f"{name}.{suffix}" for name, entry in layout.items() for suffix in entry["tensors"]]
+    if missing := [key for key in keys if key not in entries]:
+        raise StaleStoreError(f"{path.name}: tensor '{missing[0]}' is missing")
+    wanted = [entries[key] for key in keys]
+    read = staging.read_all(wanted) if staging is not None else (read_tensor(e).to(device) for e in wanted)
     modules: Modules = {}
-    for name, entry in layout.items():
-        keys = [f"{name}.{suffix}" for suffix in entry["tensors"]]
-        missing = [key for key in keys if key not in entries]
-        if missing:
-            raise StaleStoreError(f"{path.name}: tensor '{missing[0]}' is missing")
-        try:
-            tensors = {suffix: read_tensor(entries[key], staging).to(device)
-                       for suffix, key in zip(entry["tensors"], keys)}
-        except CheckpointError as e:
-            raise StaleStoreError(f"unreadable pre-quantized file: {e}") from None
-        modules[name] = (entry["format"], tensors)
+    try:
+        for name, entry in layout.items():
+            modules[name] = (entry["format"], {suffix: next(read) for suffix in entry["tensors"]})
+    except CheckpointError as e:
+        raise StaleStoreError(f"unreadable pre-quantized file: {e}") from None
     return modules, metadata
 
 

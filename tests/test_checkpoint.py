@@ -140,8 +140,8 @@ def test_our_writer_is_readable_by_the_library(tmp_path):
 def test_staged_reads_land_on_the_gpu_bit_for_bit(tmp_path, monkeypatch):
     """Reading through CudaStaging (chunks read by its threads into pinned buffers, each copied as it arrives; a chunk
     of 1 KiB here, so every tensor but the empty one spans several, several reads are in flight and the buffers are
-    reused) gives the CPU read's bytes on the GPU; a
-    truncated file is a short read."""
+    reused) gives the CPU read's bytes on the GPU, one tensor at a time or many in a row (read_all, in their order);
+    a truncated file is a short read."""
     from runtime.safetensors_io import CudaStaging, read_safetensors_header, read_tensor
 
     monkeypatch.setattr(CudaStaging, "CHUNK", 1024)
@@ -157,9 +157,14 @@ def test_staged_reads_land_on_the_gpu_bit_for_bit(tmp_path, monkeypatch):
         staged = read_tensor(entries[key], staging)
         assert staged.is_cuda and staged.dtype == tensor.dtype and torch.equal(staged.cpu(), tensor), key
         assert torch.equal(read_tensor(entries[key]), tensor), key
+    order = ["odd", "empty", "big", "empty", "bytes", "odd", "big", "empty"]  # tensors with chunks in flight across
+    for key, staged in zip(order, staging.read_all(entries[key] for key in order), strict=True):
+        assert staged.is_cuda and torch.equal(staged.cpu(), tensors[key]), key
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="short read"):
         read_tensor(entries["bytes"], staging)
+    with pytest.raises(CheckpointError, match="short read"):
+        list(staging.read_all(entries[key] for key in ["odd", "bytes", "big"]))
 
 
 def test_no_pinned_memory_means_pageable_reads(monkeypatch):

@@ -50,3 +50,16 @@ def test_meta_modules_are_built_as_without_the_context(tiny_config):
     shapes = [(k, v.shape, v.dtype, v.device.type) for k, v in skipped.state_dict().items()]
     assert shapes == [(k, v.shape, v.dtype, v.device.type) for k, v in initialised.state_dict().items()]
     assert {device for *_, device in shapes} == {"meta"}
+
+
+def test_constants_stay_constants_off_the_meta_device():
+    """Inside meta_device, ones / zeros / full made on the meta device skip their fill (no values there); those made
+    elsewhere explicitly keep it."""
+    from runtime.meta import meta_device
+
+    with meta_device():
+        made = [torch.ones(2, 3), torch.zeros(4, dtype=torch.bfloat16), torch.full((5,), 2.0)]
+        cpu = [torch.ones(2, 3, device="cpu"), torch.zeros(4, device="cpu"), torch.full((5,), 2.0, device="cpu")]
+    assert [(t.device.type, tuple(t.shape), t.dtype) for t in made] == [
+        ("meta", (2, 3), torch.float32), ("meta", (4,), torch.bfloat16), ("meta", (5,), torch.float32)]
+    assert cpu[0].eq(1).all() and cpu[1].eq(0).all() and cpu[2].eq(2).all()
