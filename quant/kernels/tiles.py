@@ -155,9 +155,9 @@ def stand_in_rows(n: int) -> int:
 def ahead(key: tuple, tensors: tuple[torch.Tensor, ...], candidates: Sequence[Candidate],
           run: Callable[..., Any]) -> list[Callable[[], Any]]:
     """One call per candidate that `fastest(tensors, candidates, run, key)` would compile for its first call: each
-    runs its candidate once on `tensors`, stand-ins shaped like the weights (stand_in_rows), compiling it.
-    None where a candidate is the library's path (cuBLAS, or the separate launches of a gated form): nothing of ours
-    to compile. None at all where an earlier process's choice is kept: the first call then runs that one alone,
+    runs its candidate once on `tensors`, stand-ins shaped like the weights (stand_in_rows), compiling it. No call
+    for a None candidate (the library's path: cuBLAS, or a gated form's separate launches), nothing of ours to
+    compile; and none at all where an earlier process's choice is kept: the first call then runs that one alone,
     which loads it from Triton's cache as quickly as a thread would."""
     if kept_index(tensors[0].device, key, candidates) is not None:
         return []
