@@ -61,6 +61,20 @@ def test_stand_in_rows_keep_what_triton_specializes_on(n, rows):
     assert got == rows and got % 16 == n % 16 and (got == 1) == (n == 1) and got <= n
 
 
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 33, 1040, 2560, 4096, 4097, 6144, 9728, 155_776])
+def test_stand_in_rows_specialize_as_the_rows_do(n):
+    """What Triton itself makes of an integer argument (where this Triton exposes its specializer): the stand-in's
+    row count and the real one give the same type and divisibility, so the same compiled kernel."""
+    libtriton = pytest.importorskip("triton._C.libtriton")
+    backends = pytest.importorskip("triton.backends.compiler")
+    specialize = getattr(libtriton, "native_specialize_impl", None)
+    if specialize is None:
+        pytest.skip("this Triton does not expose native_specialize_impl")
+    key = (lambda value: specialize(backends.BaseBackend, value, False, True, True))
+    assert key(tiles.stand_in_rows(n)) == key(n)
+    assert key(16) != key(17) and key(1) != key(2) and key(2**31 + 16) != key(32)  # it tells them apart
+
+
 def test_ahead_runs_our_candidates_and_nothing_where_a_choice_is_kept(tmp_path, monkeypatch):
     ran = []
     tensors = (torch.zeros(3), torch.ones(2))
