@@ -9,6 +9,7 @@ rounding error (still far inside the 1 % gate); fp32 inputs give a tight check.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -397,6 +398,10 @@ def test_a_kept_choice_is_taken_without_timing_by_a_later_process(monkeypatch, t
     assert choose([None, "a", "b", "c"]) == "b" and runs  # another candidate list: timed again
     identity[0] = "GPU two"
     assert choose([None, "a", "b"]) == "b" and runs  # another machine: timed again
+    identity[0] = "GPU two; torch 3"
+    assert choose([None, "a", "b"]) == "b" and runs  # that GPU with other versions: timed again, ...
+    kept = json.loads(path.read_text())["machines"]
+    assert set(kept) == {"GPU one", "GPU two; torch 3"}  # ... and its entries of the old versions dropped
     path.write_text("{not json")
     assert choose([None, "a", "b"]) == "b" and runs  # a damaged file is timed over and rewritten
     assert choose([None, "a", "b"]) == "b" and runs == []

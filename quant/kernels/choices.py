@@ -4,8 +4,8 @@ Choosing times every candidate of a shape in CUDA graphs over cold copies of its
 once compiled, about a second of each command's start-up for a precision plan's 6-8 shapes
 (benchmarks/results/kernel-choice-*.md, cli-wall-*.md). The choice depends on the GPU, the library versions and
 our kernels, so an entry is kept under all of them: the GPU's name, compute capability and SM count, torch's and
-Triton's versions and a hash of this package's source. Any change there makes a new entry; an old one is never
-used again. An entry names its choice by repr among the candidates of the call that asks, so a candidate list that
+Triton's versions and a hash of this package's source. Any change there makes a new entry, and the GPU's entries
+under its old identity are dropped. An entry names its choice by repr among the candidates of the call that asks, so a candidate list that
 changed is a miss, not a wrong pick. A missing, unreadable or unwritable file only means timing again.
 """
 
@@ -41,9 +41,15 @@ class ChoiceFile:
         return next((i for i, c in enumerate(candidates) if repr(c) == entry), None)
 
     def keep(self, device: torch.device, key: tuple, candidates: Sequence, choice: object) -> None:
+        """Keep `choice` under this machine's identity. The entries of this GPU under any other identity go: made
+        with other library versions or kernels, no later process of this installation can use them, and the file
+        would otherwise grow with every upgrade."""
         with self._lock:
-            machines = self._read()
-            machines.setdefault(machine_identity(device), {})[entry_name(key, candidates)] = repr(choice)
+            identity = machine_identity(device)
+            machines = {name: entries for name, entries in self._read().items()
+                        if name == identity or gpu_of(name) != gpu_of(identity)}
+            self._machines = machines
+            machines.setdefault(identity, {})[entry_name(key, candidates)] = repr(choice)
             try:
                 with atomic_path(self.path) as tmp:
                     tmp.write_text(json.dumps({"format": FORMAT, "machines": machines}, indent=1, sort_keys=True))
@@ -59,6 +65,11 @@ class ChoiceFile:
             except (OSError, ValueError, TypeError, KeyError, AttributeError):
                 self._machines = {}
         return self._machines
+
+
+def gpu_of(identity: str) -> str:
+    """The GPU part of a machine identity (its name, compute capability and SM count)."""
+    return identity.split(";", 1)[0]
 
 
 def entry_name(key: tuple, candidates: Sequence) -> str:
