@@ -65,8 +65,8 @@ WORKERS = 4
 
 
 class AheadCompiles:
-    """The GEMV candidates of `gemvs` compiled on threads from construction on; `finish` waits for them, `abandon`
-    drops the ones not started. A call that fails (a candidate this GPU cannot run, out of memory) is dropped: the
+    """The GEMV candidates of `gemvs` compiled on threads from construction on; `finish` waits for them (before
+    any CUDA-graph capture, which another thread's launch would break), `abandon` drops the ones not started. A call that fails (a candidate this GPU cannot run, out of memory) is dropped: the
     first frame's call meets the same and deals with it where it belongs."""
 
     def __init__(self, gemvs: list[DecodeGemv], dtype: torch.dtype, device: torch.device,
@@ -97,11 +97,20 @@ class AheadCompiles:
                 return None
 
     def finish(self) -> None:
-        self._thread.join()
+        """Wait for these compiles, and for any an earlier load abandoned (a plan that ran out of memory)."""
+        for thread in (*_abandoned, self._thread):
+            thread.join()
+        _abandoned.clear()
 
     def abandon(self) -> None:
+        """Drop the compiles not started and return at once: a compile cannot be interrupted, and one running
+        (up to a few seconds) must not hold back an error or a Ctrl-C. It finishes on its own, before the next
+        load's `finish` returns."""
         self._stop.set()
-        self._thread.join()
+        _abandoned.append(self._thread)
+
+
+_abandoned: list[threading.Thread] = []  # threads of abandoned compiles that may still launch a stand-in call
 
 
 @contextmanager

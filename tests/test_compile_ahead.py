@@ -115,14 +115,17 @@ def test_ahead_compiles_run_every_call_and_outlive_failures(monkeypatch):
 
 
 def test_an_error_while_loading_drops_the_compiles_not_started(monkeypatch):
-    started, ran = threading.Event(), []
+    """The load's error comes out at once, while a compile still runs; the compiles not started never run; the
+    next load (the next plan) ends only after that compile has."""
+    started, release, ran, firsts = threading.Event(), threading.Event(), [], iter(range(10))
 
     class Slow(FloatLinear):
         @classmethod
         def ahead_calls(cls, out_features, in_features, x_dtype, device, gated=False):
             def first():
-                started.set()
-                threading.Event().wait(0.3)  # still running when the load fails
+                if next(firsts) == 0:  # the first load's: still running when that load fails
+                    started.set()
+                    release.wait(5)
                 ran.append("first")
 
             return [first, *(functools.partial(ran.append, i) for i in range(5))]
@@ -134,7 +137,19 @@ def test_an_error_while_loading_drops_the_compiles_not_started(monkeypatch):
         with compiling_ahead(None, None, torch.bfloat16, CPU):
             assert started.wait(5)
             raise KeyError("loading failed")
-    assert ran == ["first"]
+    assert ran == []  # not waited for
+    next_load_done = threading.Event()
+
+    def next_load():
+        with compiling_ahead(None, None, torch.bfloat16, CPU):
+            pass
+        next_load_done.set()
+
+    threading.Thread(target=next_load).start()
+    assert not next_load_done.wait(0.3)  # held back by the abandoned compile
+    release.set()
+    assert next_load_done.wait(5)
+    assert sorted(map(str, ran)) == ["0", "1", "2", "3", "4", "first", "first"]  # the first load's 0-4: never
 
 
 def test_nothing_compiles_ahead_on_the_cpu(monkeypatch):
