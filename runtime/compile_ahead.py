@@ -66,8 +66,9 @@ WORKERS = 4
 
 class AheadCompiles:
     """The GEMV candidates of `gemvs` compiled on threads from construction on; `finish` waits for them (before
-    any CUDA-graph capture, which another thread's launch would break), `abandon` drops the ones not started. A call that fails (a candidate this GPU cannot run, out of memory) is dropped: the
-    first frame's call meets the same and deals with it where it belongs."""
+    any CUDA-graph capture, which another thread's launch would break), `abandon` drops the ones not started. A
+    call that fails (a candidate this GPU cannot run, out of memory) is dropped: the first frame's call meets the
+    same and deals with it where it belongs."""
 
     def __init__(self, gemvs: list[DecodeGemv], dtype: torch.dtype, device: torch.device,
                  workers: int | None = None) -> None:
