@@ -5,8 +5,9 @@ once compiled, about a second of each command's start-up for a precision plan's 
 (benchmarks/results/kernel-choice-*.md, cli-wall-*.md). The choice depends on the GPU, the library versions and
 our kernels, so an entry is kept under all of them: the GPU's name, compute capability and SM count, torch's and
 Triton's versions and a hash of this package's source. Any change there makes a new entry, and the GPU's entries
-under its old identity are dropped. An entry names its choice by repr among the candidates of the call that asks, so a candidate list that
-changed is a miss, not a wrong pick. A missing, unreadable or unwritable file only means timing again.
+under its old identity are dropped. An entry names its choice by repr among the candidates of the call that asks,
+so a candidate list that changed is a miss, not a wrong pick. A missing, unreadable or unwritable file only means
+timing again.
 """
 
 from __future__ import annotations
