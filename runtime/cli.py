@@ -109,8 +109,10 @@ def _read_text(text: str | None, text_file: Path | None) -> str:
     if text_file is not None:
         try:
             text = text_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"{text_file}: cannot read text ({exc.__class__.__name__})") from None
+        except UnicodeDecodeError:
+            raise InputError(f"{text_file}: not UTF-8 text (save it as UTF-8)") from None
+        except OSError as exc:
+            raise InputError(f"{text_file}: cannot read text ({exc.strerror or exc.__class__.__name__})") from None
     if not text.strip():
         raise InputError("the text to speak is empty")
     return text

@@ -565,6 +565,8 @@ def broken(tmp_path, tiny_checkpoint):
         ("codes_missing", 2, "codes file not found"),
         ("codes_unpaired", 2, "one transcript per reference"),
         ("bad_temperature", 2, "temperature must be in"),
+        ("text_file_missing", 2, "lines.txt: cannot read text \\(No such file or directory\\)"),
+        ("text_file_latin1", 2, "lines.txt: not UTF-8 text"),
     ],
 )
 def test_bad_inputs_give_one_line(case, code, message, tiny_checkpoint, tmp_path, broken):
@@ -584,7 +586,12 @@ def test_bad_inputs_give_one_line(case, code, message, tiny_checkpoint, tmp_path
         extra = ["-r", path] + ([] if case == "codes_unpaired" else ["--reference-text", "ref"])
     elif case == "bad_temperature":
         extra = ["--temperature", "0"]
-    result = run("synthesize", "-c", ckpt, "-t", text, "--device", "cpu", "--codes-out", tmp_path / "o.npy", *extra)
+    text_args = ["-t", text]
+    if case.startswith("text_file"):
+        if case == "text_file_latin1":
+            (tmp_path / "lines.txt").write_bytes("Caf\u00e9 cr\u00e8me".encode("latin-1"))
+        text_args = ["--text-file", tmp_path / "lines.txt"]
+    result = run("synthesize", "-c", ckpt, *text_args, "--device", "cpu", "--codes-out", tmp_path / "o.npy", *extra)
     assert result.exit_code == code, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and re.search(message, lines[0]), result.stderr
