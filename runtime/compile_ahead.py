@@ -59,8 +59,9 @@ def decode_gemvs(model: nn.Module, layer_class: Callable[[str], LayerClass]) -> 
 
 # Threads compiling at once. Triton's front end runs in Python, so a compile holds the GIL much of the time, and
 # the loading beside it needs the GIL for every chunk it reads. NF4's first run on H100 hosts (16 cores): 37.1 s with
-# 16 threads and 28.8 with 8 on one host; 32.6 with 8 and 31.4 with 4 on another (47.6 compiling in the first frame
-# instead); bf16's GEMVs compiled as fast on 4 as on 8 (benchmarks/results/first-run-*.md).
+# 16 threads and 28.8 with 8 on one host; 32.6 with 8 (and a 0.5 ms GIL switch interval) and 31.4 with 4 on another
+# (47.6 compiling in the first frame instead); bf16's GEMVs compiled as fast on 4 as on 8
+# (benchmarks/results/first-run-*.md).
 WORKERS = 4
 
 

@@ -156,8 +156,8 @@ class CudaStaging:
     def read_all(self, entries: Iterable[TensorEntry]) -> Iterator[torch.Tensor]:
         """Each entry's tensor in GPU memory, in order, with up to READERS chunks in flight across tensors: the
         reads of the next tensors run while this one's chunks are copied. The pre-quantized NF4 store is 1 258
-        tensors, most of them a few kilobytes or less: read one at a time, each waited for its own read, and it
-        loaded in 0.85-1.18 s instead of 0.62-1.06 (H100, benchmarks/results/load-store-*.md)."""
+        tensors, most of them a few kilobytes or less: read one at a time, each waiting for its own read, it loaded
+        in 0.85-1.18 s; this way in 0.62-1.06 s (H100, benchmarks/results/load-store-*.md)."""
         reading: deque[_Chunk] = deque()
         try:
             for chunk in self._chunks(entries):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from quant.base import FloatLinear, QuantizedLinear, quantize_linear, silu_gated
+from quant.base import FloatLinear, QuantizedLinear, format_class, quantize_linear, silu_gated
 from quant.kernels import choices, tiles
 from runtime import compile_ahead
 from runtime.checkpoint import open_checkpoint
@@ -204,7 +204,7 @@ def test_the_first_calls_find_their_kernels_compiled_ahead(fresh_kernels, fmt, n
             return float_layer
         return quantize_linear(weight, fmt)
 
-    cls = type(layer(16, 512))
+    cls = FloatLinear if fmt == "bf16" else format_class(fmt)
     for gated in (False, True):
         for call in cls.ahead_calls(n, k, torch.bfloat16, device, gated):
             call()
