@@ -75,7 +75,7 @@ class QuantizedLinear(nn.Module, ABC):
                     gated: bool = False) -> list[Callable[[], object]]:
         """Calls that compile, each on small stand-in tensors, the kernels the first one-token forward of such a
         layer times (gated: its gated form with an up layer alike), so that they can compile in threads while
-        the weights load (runtime/compile_ahead.py). None by default."""
+        the weights load (runtime/compile_ahead.py). No calls by default."""
         return []
 
     def gemv_applies(self, x: Tensor) -> bool:
