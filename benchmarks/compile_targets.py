@@ -78,7 +78,7 @@ BUILDS = {
         | _typed("HALF HAS_NORM SLOT_ON_DEVICE", "constexpr"),
         {"HALF": HEAD_DIM // 2, "HAS_NORM": True, "SLOT_ON_DEVICE": True}),
     "SiLU x up": Build(
-        _silu_mul_kernel, _typed("gate_ptr up_ptr y_ptr", "*bf16") | {"n": "i32", "BLOCK": "constexpr"},
+        _silu_mul_kernel, _typed("gate_ptr up_ptr y_ptr", "*bf16") | {"width": "i32", "BLOCK": "constexpr"},
         {"BLOCK": SILU_BLOCK}),
     "NF4 dequantization (prefill)": Build(
         _dequant_nf4_kernel,

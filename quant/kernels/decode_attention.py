@@ -32,7 +32,10 @@ GROUP_ROWS = 16  # a KV head's query heads, padded to the smallest tl.dot tile
 SHORT = 16  # the most visible slots short_attention takes (one tl.dot tile)
 
 
-@triton.jit
+# The capacity and the split count follow the request (a multiple of 256, or the plan's --max-context): not
+# specialized, so one compiled variant serves every request and can compile before the first
+# (runtime/stand_in_frame.py). Likewise the short kernel's count of positions, 1 to 10 within a frame.
+@triton.jit(do_not_specialize=["capacity", "splits"])
 def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_ptr, capacity, scale, splits,
                                    GROUP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                                    ROWS: tl.constexpr):
@@ -71,7 +74,7 @@ def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_ptr, capac
     tl.store(out + D + 1 + tl.zeros([ROWS, 1], tl.int32), l[:, None], mask=keep)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])
 def _decode_attention_combine_kernel(part_ptr, o_ptr, splits, GROUP: tl.constexpr, D: tl.constexpr,
                                      SPLITS: tl.constexpr):
     """Program i (a query head): its splits' partial results -> the attention output [D] in o's dtype."""
@@ -97,7 +100,7 @@ def _decode_attention_combine_kernel(part_ptr, o_ptr, splits, GROUP: tl.constexp
     tl.store(o_ptr + i * D + d, (acc / l).to(o_ptr.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _short_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, n, head_stride, scale, GROUP: tl.constexpr,
                             D: tl.constexpr, ROWS: tl.constexpr, SLOTS: tl.constexpr):
     """Program h (a KV head): its GROUP query heads over slots 0..n-1 (n <= SLOTS) -> their outputs [GROUP, D], with

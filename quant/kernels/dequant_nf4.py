@@ -17,7 +17,10 @@ import triton.language as tl
 BLOCK = 1024  # bytes per program
 
 
-@triton.jit
+# The counts are not specialized: one compiled variant serves every layer's shape and can compile before the first
+# prefill (runtime/compile_ahead.py); as fast as specialized ones on S2's shapes (H100: 0.091-0.140 ms either way
+# for 4 layers, benchmarks/results/first-run-*.md).
+@triton.jit(do_not_specialize=["n_bytes", "n_weights"])
 def _dequant_nf4_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, n_weights, QBLOCK: tl.constexpr,
                         BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -27,17 +27,22 @@ def silu_times(gate, up, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, y_ptr, n, BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = i < n
-    gate = tl.load(gate_ptr + i, mask=inside, other=0.0)
-    up = tl.load(up_ptr + i, mask=inside, other=0.0)
-    tl.store(y_ptr + i, silu_times(gate, up, y_ptr.dtype.element_ty), mask=inside)
+def _silu_mul_kernel(gate_ptr, up_ptr, y_ptr, width, BLOCK: tl.constexpr):
+    """Program (row, block): BLOCK columns of one row. The row's width is the layer's (specialized: divisible by 16
+    gives vector loads); the number of rows, the prompt's length, is in no argument, so that one compiled variant
+    serves every prompt and can compile before the first (runtime/stand_in_frame.py)."""
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = i < width
+    at = tl.program_id(0).to(tl.int64) * width + i
+    gate = tl.load(gate_ptr + at, mask=inside, other=0.0)
+    up = tl.load(up_ptr + at, mask=inside, other=0.0)
+    tl.store(y_ptr + at, silu_times(gate, up, y_ptr.dtype.element_ty), mask=inside)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up: same shape and dtype -> SiLU(gate) * up, contiguous."""
     gate, up = gate.contiguous(), up.contiguous()
     y = torch.empty_like(gate)
-    _silu_mul_kernel[(triton.cdiv(gate.numel(), BLOCK),)](gate, up, y, gate.numel(), BLOCK=BLOCK, **FMA)
+    width = gate.shape[-1]
+    _silu_mul_kernel[(gate.numel() // width, triton.cdiv(width, BLOCK))](gate, up, y, width, BLOCK=BLOCK, **FMA)
     return y
