@@ -78,6 +78,12 @@ class QuantizedLinear(nn.Module, ABC):
         the weights load (runtime/compile_ahead.py). No calls by default."""
         return []
 
+    @classmethod
+    def prefill_ahead_calls(cls, x_dtype: torch.dtype, device: torch.device) -> list[Callable[[], object]]:
+        """As ahead_calls, for the kernels the first multi-token forward (a prefill) of any layer of this class
+        compiles. No calls by default."""
+        return []
+
     def gemv_applies(self, x: Tensor) -> bool:
         """Whether `forward(x)` takes the kernel path: one token, CUDA, Triton present, format-specific limits."""
         from quant.kernels import kernels_supported

@@ -143,6 +143,17 @@ class NF4Linear(QuantizedLinear):
             return []
         return ahead_calls(out_features, in_features, BLOCKSIZE, torch.float16, x_dtype, device, gated)
 
+    @classmethod
+    def prefill_ahead_calls(cls, x_dtype: torch.dtype, device: torch.device) -> list[Callable[[], object]]:
+        """The dequantization of a stand-in layer with fp16 block scales: its kernel compiles once for all shapes."""
+        def dequantize() -> Tensor:
+            packed = torch.zeros(BLOCKSIZE, 1, dtype=torch.uint8, device=device)  # one row of 2 * BLOCKSIZE
+            scales = torch.ones(2, dtype=torch.float16, device=device)
+            return cls(1, 2 * BLOCKSIZE, packed, scales, torch.zeros(16, device=device), BLOCKSIZE,
+                       {}).dequantize(x_dtype)
+
+        return [dequantize]
+
     def gemv(self, x: Tensor) -> Tensor:
         from quant.kernels.gemv_nf4 import gemv_nf4
 

@@ -1,4 +1,5 @@
-"""Compiling the decode's GEMV kernels in threads while the weights load.
+"""Compiling a request's kernels in threads while the weights load: the decode's GEMV candidates and the rest of
+its kernels (runtime/stand_in_frame.py).
 
 Why: the first run on a machine (Triton's kernel cache empty) compiled every GEMV candidate the first frame times
 shape after shape, as decode reached it: 27 s from "generating" to the audio for the NF4 plan on an H100 host, most
@@ -6,8 +7,10 @@ of it in 65 GEMV compiles (benchmarks/results/first-run-*.md). The shapes and fo
 built on the meta device, and a kernel's compilation depends on K, the dtypes, the flags and the candidate, not on
 N: so the candidates compile on small zero stand-ins (tiles.stand_in_rows) beside the loading, and the first
 frame's calls find them compiled and only time them. NF4's first run: 32.6 s instead of 36.1 on that host. The
-compiles, not the loading, then bound it: Triton's front end holds the GIL (WORKERS). Runs whose choices are kept
-(quant/kernels/choices.py) compile nothing here.
+request's other kernels (norms, RoPE, attention, sampling, NF4's dequantization) compile the same way, first
+(runtime/stand_in_frame.py): bf16's first run 12.7 s instead of 18.0-18.3. The compiles, not the loading, bound
+NF4's: Triton's front end holds the GIL (WORKERS). Runs whose choices are kept (quant/kernels/choices.py) compile
+no GEMV here; the other kernels then load from Triton's cache.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from quant.base import FloatLinear, QuantizedLinear
 from quant.kernels import kernels_supported
+from runtime.stand_in_frame import frame_calls
 
 LayerClass = type[FloatLinear] | type[QuantizedLinear]
 
@@ -57,6 +61,13 @@ def decode_gemvs(model: nn.Module, layer_class: Callable[[str], LayerClass]) -> 
     return list(dict.fromkeys(gemvs))
 
 
+def prefill_calls(gemvs: list[DecodeGemv], dtype: torch.dtype, device: torch.device) -> list[Callable[[], Any]]:
+    """The calls that compile the prefill's kernels of each quantized layer class among `gemvs` (NF4's
+    dequantization): once per class."""
+    classes = dict.fromkeys(g.layer for g in gemvs if issubclass(g.layer, QuantizedLinear))
+    return [call for cls in classes for call in cls.prefill_ahead_calls(dtype, device)]
+
+
 # Threads compiling at once. Triton's front end runs in Python, so a compile holds the GIL much of the time, and
 # the loading beside it needs the GIL for every chunk it reads. NF4's first run on H100 hosts (16 cores): 37.1 s with
 # 16 threads and 28.8 with 8 on one host; 32.6 with 8 (and a 0.5 ms GIL switch interval) and 31.4 with 4 on another
@@ -66,21 +77,21 @@ WORKERS = 4
 
 
 class AheadCompiles:
-    """The GEMV candidates of `gemvs` compiled on threads from construction on; `finish` waits for them (before
-    any CUDA-graph capture, which another thread's launch would break), `abandon` drops the ones not started. A
-    call that fails (a candidate this GPU cannot run, out of memory) is dropped: the first frame's call meets the
-    same and deals with it where it belongs."""
+    """The calls of `first` (a request's other kernels), then the GEMV candidates of `gemvs`, run on threads from
+    construction on; `finish` waits for them (before any CUDA-graph capture, which another thread's launch would
+    break), `abandon` drops the ones not started. A call that fails (a candidate this GPU cannot run, out of memory)
+    is dropped: the first frame's call meets the same and deals with it where it belongs."""
 
     def __init__(self, gemvs: list[DecodeGemv], dtype: torch.dtype, device: torch.device,
-                 workers: int | None = None) -> None:
-        self._gemvs, self._dtype, self._device = gemvs, dtype, device
+                 workers: int | None = None, first: Sequence[Callable[[], Any]] = ()) -> None:
+        self._gemvs, self._dtype, self._device, self._first = gemvs, dtype, device, first
         self._workers = workers or min(WORKERS, os.cpu_count() or 1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="s2edge-compile", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        calls = []
+        calls = list(self._first)
         for gemv in self._gemvs:
             calls += self._on_device(lambda g=gemv: g.layer.ahead_calls(g.out_features, g.in_features, self._dtype,
                                                                           self._device, g.gated)) or []
@@ -118,12 +129,15 @@ _abandoned: list[threading.Thread] = []  # threads of abandoned compiles that ma
 @contextmanager
 def compiling_ahead(model: nn.Module, layer_class: Callable[[str], LayerClass], dtype: torch.dtype,
                     device: torch.device) -> Iterator[None]:
-    """Compile `model`'s decode GEMVs on `device` while the block runs (the loading); wait for them at its end, or
-    drop those not started where it raises. Nothing where our kernels do not run on `device`."""
+    """Compile `model`'s kernels (a DualAR on the meta device) on `device` while the block runs (the loading); wait
+    for them at its end, or drop those not started where it raises. Nothing where our kernels do not run on
+    `device`."""
     if not kernels_supported(device):
         yield
         return
-    compiles = AheadCompiles(decode_gemvs(model, layer_class), dtype, device)
+    gemvs = decode_gemvs(model, layer_class)
+    compiles = AheadCompiles(gemvs, dtype, device,
+                             first=frame_calls(model, dtype, device) + prefill_calls(gemvs, dtype, device))
     try:
         yield
     except BaseException:

@@ -132,6 +132,7 @@ def test_an_error_while_loading_drops_the_compiles_not_started(monkeypatch):
 
     monkeypatch.setattr(compile_ahead, "kernels_supported", lambda device: True)
     monkeypatch.setattr(compile_ahead, "decode_gemvs", lambda model, layer_class: [DecodeGemv(Slow, 8, 4)])
+    monkeypatch.setattr(compile_ahead, "frame_calls", lambda model, dtype, device: [])
     monkeypatch.setattr(compile_ahead, "WORKERS", 1)
     with pytest.raises(KeyError, match="loading failed"):
         with compiling_ahead(None, None, torch.bfloat16, CPU):
@@ -150,6 +151,19 @@ def test_an_error_while_loading_drops_the_compiles_not_started(monkeypatch):
     release.set()
     assert next_load_done.wait(5)
     assert sorted(map(str, ran)) == ["0", "1", "2", "3", "4", "first", "first"]  # the first load's 0-4: never
+
+
+def test_prefill_calls_come_once_per_quantized_class():
+    """NF4's dequantization (the prefill's kernel) once for all its shapes, nothing for float or 8-bit layers; the
+    call dequantizes a stand-in layer (on the CPU through bitsandbytes)."""
+    nf4, int8 = format_class("nf4"), format_class("int8")
+    gemvs = [DecodeGemv(nf4, 8, 128), DecodeGemv(nf4, 16, 64, gated=True), DecodeGemv(FloatLinear, 8, 128),
+             DecodeGemv(int8, 8, 128)]
+    calls = compile_ahead.prefill_calls(gemvs, torch.bfloat16, CPU)
+    assert len(calls) == 1
+    weight = calls[0]()
+    assert weight.shape == (1, 128) and weight.dtype == torch.bfloat16 and bool((weight == weight[0, 0]).all())
+    assert compile_ahead.prefill_calls(gemvs[2:], torch.bfloat16, CPU) == []
 
 
 def test_nothing_compiles_ahead_on_the_cpu(monkeypatch):

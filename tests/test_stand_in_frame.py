@@ -1,0 +1,101 @@
+"""A request's non-GEMV kernels compiled ahead on stand-ins (runtime/stand_in_frame.py): the stand-in stacks, and on a
+GPU that a first request after loading compiles no Triton kernel at all, while without the stand-ins it compiles
+the norms, RoPE, attentions and sampling."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import pytest
+import torch
+from torch import nn
+
+from quant.kernels import choices
+from runtime import compile_ahead, stand_in_frame
+from runtime.engine import GenerationConfig, generate
+from runtime.loader import WeightFormats, load_model
+from runtime.meta import meta_device
+from runtime.model import Block, DualAR
+from runtime.stand_in_frame import ZeroLinear, frame_calls, stand_in_stack
+from test_model import frames_sequence
+
+CPU = torch.device("cpu")
+
+
+def test_a_stand_in_block_has_zero_linears_and_unit_gains(tiny_config):
+    layers, final = stand_in_stack(tiny_config.slow, tiny_config.norm_eps, 16, torch.bfloat16, CPU)
+    block = layers[0]
+    assert isinstance(block, Block)
+    assert not [name for name, m in block.named_modules() if isinstance(m, nn.Linear)]  # every weight replaced
+    assert {name for name, m in block.named_modules() if isinstance(m, ZeroLinear)} == set(stand_in_frame.LINEARS)
+    gains = [*block.parameters(), *final.parameters()]
+    assert gains and all(p.dtype == torch.bfloat16 and bool((p == 1).all()) for p in gains)
+    assert sum(p.numel() for p in gains) == 3 * tiny_config.dim + 2 * tiny_config.slow.head_dim
+    assert block.attention.kv_cache.k.shape == (1, tiny_config.slow.n_local_heads, 16, tiny_config.slow.head_dim)
+    x = torch.randn(1, 3, tiny_config.dim).bfloat16()
+    assert block.attention.wqkv(x).shape == (1, 3, tiny_config.slow.qkv_rows) and not block.attention.wqkv(x).any()
+
+
+def test_the_stand_in_forms_run_on_the_cpu(tiny_config):
+    """The model's own code on the stand-ins (torch's path here): the calls' arguments fit it."""
+    with meta_device():
+        model = DualAR(tiny_config)
+    calls = frame_calls(model, torch.bfloat16, CPU)
+    assert len(calls) == 2
+    for call in calls:
+        call()
+
+
+# ----- on a GPU --------------------------------------------------------------------------------------------------
+
+def _our_kernels() -> list:
+    """Every Triton kernel of quant/kernels."""
+    from triton.runtime.jit import JITFunction
+
+    import quant.kernels as package
+
+    modules = [importlib.import_module(f"quant.kernels.{m.name}") for m in pkgutil.iter_modules(package.__path__)]
+    return [value for module in modules for value in vars(module).values() if isinstance(value, JITFunction)]
+
+
+def _compiles_of_a_first_request(checkpoint, precision: str, monkeypatch) -> list[str]:
+    """Load (compiling ahead) with no kernel compiled in this process and no choice kept, then run one request (the
+    prefill, the eager first frame, captured frames): the kernels it had to compile, as Triton names them."""
+    from quant.kernels import gemv8, gemv_nf4
+
+    monkeypatch.setattr(gemv8, "_tiles", {})
+    monkeypatch.setattr(gemv_nf4, "_choice", {})
+    monkeypatch.setattr(gemv_nf4, "_gated_plan", {})
+    choices.remember_in(None)
+    for kernel in _our_kernels():
+        kernel.device_caches.clear()
+    loaded = load_model(checkpoint, torch.device("cuda"), torch.bfloat16, formats=WeightFormats(precision, "bf16"))
+    compiled = []
+
+    def hook(**kwargs) -> bool:
+        compiled.append(kwargs["repr"])
+        return False  # compile as usual
+
+    import triton
+
+    monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook", hook)
+    prompt = frames_sequence(loaded.config, 7, 3, seed=1)[0]
+    generate(loaded.model, prompt, GenerationConfig(max_new_tokens=6, seed=0))
+    torch.cuda.synchronize()
+    monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook", None)
+    return compiled
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["bf16", "nf4"])
+def test_a_first_request_compiles_nothing_after_the_loading(tiny_checkpoint, precision, monkeypatch):
+    assert _compiles_of_a_first_request(tiny_checkpoint, precision, monkeypatch) == []
+    monkeypatch.setattr(compile_ahead, "frame_calls", lambda *args: [])  # the GEMVs only, as before
+    monkeypatch.setattr(compile_ahead, "prefill_calls", lambda *args: [])
+    names = " ".join(_compiles_of_a_first_request(tiny_checkpoint, precision, monkeypatch))
+    expected = ["_rms_norm_kernel", "_norm_rope_kernel", "_silu_mul_kernel", "_short_attention_kernel",
+                "_decode_attention_split_kernel", "_decode_attention_combine_kernel", "_sample_kernel",
+                *(["_dequant_nf4_kernel"] if precision == "nf4" else [])]
+    assert [name for name in expected if name not in names] == []
