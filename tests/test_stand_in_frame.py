@@ -89,7 +89,7 @@ def _compiles_of_a_first_request(checkpoint, precision: str, monkeypatch) -> lis
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("precision", ["bf16", "nf4"])
+@pytest.mark.parametrize("precision", ["bf16", "nf4", "int8", "fp8"])
 def test_a_first_request_compiles_nothing_after_the_loading(tiny_checkpoint, precision, monkeypatch):
     assert _compiles_of_a_first_request(tiny_checkpoint, precision, monkeypatch) == []
     monkeypatch.setattr(compile_ahead, "frame_calls", lambda *args: [])  # the GEMVs only, as before
