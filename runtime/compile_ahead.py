@@ -8,13 +8,15 @@ built on the meta device, and a kernel's compilation depends on K, the dtypes, t
 N: so the candidates compile on small zero stand-ins (tiles.stand_in_rows) beside the loading, and the first
 frame's calls find them compiled and only time them. NF4's first run: 32.6 s instead of 36.1 on that host. The
 request's other kernels (norms, RoPE, attention, sampling, NF4's dequantization) compile the same way, first
-(runtime/stand_in_frame.py): bf16's first run 12.7 s instead of 18.0-18.3. The compiles, not the loading, bound
-NF4's: Triton's front end holds the GIL (WORKERS). Runs whose choices are kept (quant/kernels/choices.py) compile
-no GEMV here; the other kernels then load from Triton's cache.
+(runtime/stand_in_frame.py): bf16's first run 12.7-14.0 s instead of 18.0-20.5. The compiles, not the loading,
+bound NF4's: Triton's front end holds the GIL (WORKERS). Runs whose choices and marks are kept
+(quant/kernels/choices.py, once_per_machine) run nothing here: their first frame loads the kernels from Triton's
+cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from quant.base import FloatLinear, QuantizedLinear
-from quant.kernels import kernels_supported
+from quant.kernels import choices, kernels_supported
 from runtime.stand_in_frame import frame_calls
 
 LayerClass = type[FloatLinear] | type[QuantizedLinear]
@@ -61,11 +63,48 @@ def decode_gemvs(model: nn.Module, layer_class: Callable[[str], LayerClass]) -> 
     return list(dict.fromkeys(gemvs))
 
 
+COMPILED = "compiled"  # the mark a stand-in call keeps in the kernel-choices file once it has run on a machine
+
+
+def once_per_machine(calls: list[Callable[[], Any]], key: tuple, device: torch.device) -> list[Callable[[], Any]]:
+    """`calls`, each keeping its mark under `key` in the kernel-choices file (quant/kernels/choices.py: per GPU,
+    library versions and kernel sources) once it has run; none where an earlier process kept all their marks.
+    Their kernels are then in Triton's cache, and loading them from there in the first frame costs less than
+    running the stand-ins beside the loading, which took it 0.4-0.6 s longer (a cache emptied since then only
+    means that the first frame compiles them). Every call where no file is kept."""
+    file = choices.current()
+    if file is None:
+        return calls
+    keys = [(*key, i) for i in range(len(calls))]
+    if all(file.recall(device, k, [COMPILED]) is not None for k in keys):
+        return []
+
+    def marking(call: Callable[[], Any], k: tuple) -> Callable[[], Any]:
+        def run() -> Any:
+            result = call()
+            file.keep(device, k, [COMPILED], COMPILED)
+            return result
+
+        return run
+
+    return [marking(call, k) for call, k in zip(calls, keys)]
+
+
 def prefill_calls(gemvs: list[DecodeGemv], dtype: torch.dtype, device: torch.device) -> list[Callable[[], Any]]:
     """The calls that compile the prefill's kernels of each quantized layer class among `gemvs` (NF4's
     dequantization): once per class."""
     classes = dict.fromkeys(g.layer for g in gemvs if issubclass(g.layer, QuantizedLinear))
     return [call for cls in classes for call in cls.prefill_ahead_calls(dtype, device)]
+
+
+def first_calls(model: nn.Module, gemvs: list[DecodeGemv], dtype: torch.dtype,
+                device: torch.device) -> list[Callable[[], Any]]:
+    """The stand-in calls of a request's other kernels and of the prefill's, for `model` (a DualAR on the meta
+    device) and its `gemvs`: once per machine."""
+    model_key = hashlib.sha256(repr(model.config).encode()).hexdigest()[:16]
+    classes = sorted({g.layer.__name__ for g in gemvs})
+    return (once_per_machine(frame_calls(model, dtype, device), ("stand-in frame", model_key, dtype), device)
+            + once_per_machine(prefill_calls(gemvs, dtype, device), ("prefill", *classes, dtype), device))
 
 
 # Threads compiling at once. Triton's front end runs in Python, so a compile holds the GIL much of the time, and
@@ -86,6 +125,7 @@ class AheadCompiles:
                  workers: int | None = None, first: Sequence[Callable[[], Any]] = ()) -> None:
         self._gemvs, self._dtype, self._device, self._first = gemvs, dtype, device, first
         self._workers = workers or min(WORKERS, os.cpu_count() or 1)
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="s2edge-compile", daemon=True)
         self._thread.start()
@@ -99,11 +139,15 @@ class AheadCompiles:
             list(pool.map(self._on_device, calls))
 
     def _on_device(self, call: Callable[[], Any]) -> Any:
-        """call() with the device current (unless abandoned); None where it raised: the first frame's call raises
-        it again, where it belongs."""
+        """call() with the device current and on the compiles' stream (unless abandoned): the loading's work on
+        the default stream does not hold back their launches, nor they the loading's; one stream for all, as one
+        call's stand-ins serve the next calls. None where it raised: the first frame's call raises it again, where
+        it belongs."""
         if self._stop.is_set():
             return None
-        with torch.cuda.device(self._device) if self._device.type == "cuda" else nullcontext():
+        on_gpu = self._device.type == "cuda"
+        with torch.cuda.device(self._device) if on_gpu else nullcontext(), \
+                torch.cuda.stream(self._stream) if on_gpu else nullcontext():
             try:
                 return call()
             except Exception:  # noqa: BLE001
@@ -136,8 +180,7 @@ def compiling_ahead(model: nn.Module, layer_class: Callable[[str], LayerClass], 
         yield
         return
     gemvs = decode_gemvs(model, layer_class)
-    compiles = AheadCompiles(gemvs, dtype, device,
-                             first=frame_calls(model, dtype, device) + prefill_calls(gemvs, dtype, device))
+    compiles = AheadCompiles(gemvs, dtype, device, first=first_calls(model, gemvs, dtype, device))
     try:
         yield
     except BaseException:

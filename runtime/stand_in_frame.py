@@ -63,16 +63,17 @@ def stand_in_stack(stack: StackConfig, eps: float, slots: int, dtype: torch.dtyp
 def run_stack_forms(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
     """The slow AR's prefill and decode step (a position on the device, as the CUDA graph has it) and one fast-AR
     step, as DualAR.forward_slow and forward_fast run them."""
-    layers, final = stand_in_stack(config.slow, config.norm_eps, SLOW_SLOTS, dtype, device)
-    rope = rope_table(SLOW_SLOTS, config.slow.head_dim, config.rope_base).to(device)
-    x = torch.zeros(1, PREFILL_TOKENS, config.dim, dtype=dtype, device=device)
-    run_stack(layers, final, x, rope[:PREFILL_TOKENS], 0)
-    index = torch.tensor([PREFILL_TOKENS], device=device)
-    position = DevicePosition(index, (torch.arange(SLOW_SLOTS, device=device) <= index)[None])
-    run_stack(layers, final, x[:, :1].clone(), rope.index_select(0, index), position)
-    layers, final = stand_in_stack(config.fast, config.norm_eps, config.num_codebooks, dtype, device)
-    fast_rope = rope_table(config.num_codebooks, config.fast.head_dim, config.rope_base).to(device)
-    run_stack(layers, final, torch.zeros(1, 1, config.fast.dim, dtype=dtype, device=device), fast_rope[:1], 0)
+    with torch.device(device):  # made there: a copy from the host would wait for the loading's queued work
+        layers, final = stand_in_stack(config.slow, config.norm_eps, SLOW_SLOTS, dtype, device)
+        rope = rope_table(SLOW_SLOTS, config.slow.head_dim, config.rope_base)
+        x = torch.zeros(1, PREFILL_TOKENS, config.dim, dtype=dtype)
+        run_stack(layers, final, x, rope[:PREFILL_TOKENS], 0)
+        index = torch.full((1,), PREFILL_TOKENS, dtype=torch.int64)
+        position = DevicePosition(index, (torch.arange(SLOW_SLOTS) <= index)[None])
+        run_stack(layers, final, x[:, :1].clone(), rope.index_select(0, index), position)
+        layers, final = stand_in_stack(config.fast, config.norm_eps, config.num_codebooks, dtype, device)
+        fast_rope = rope_table(config.num_codebooks, config.fast.head_dim, config.rope_base)
+        run_stack(layers, final, torch.zeros(1, 1, config.fast.dim, dtype=dtype), fast_rope[:1], 0)
 
 
 @torch.inference_mode()

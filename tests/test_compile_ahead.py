@@ -132,7 +132,7 @@ def test_an_error_while_loading_drops_the_compiles_not_started(monkeypatch):
 
     monkeypatch.setattr(compile_ahead, "kernels_supported", lambda device: True)
     monkeypatch.setattr(compile_ahead, "decode_gemvs", lambda model, layer_class: [DecodeGemv(Slow, 8, 4)])
-    monkeypatch.setattr(compile_ahead, "frame_calls", lambda model, dtype, device: [])
+    monkeypatch.setattr(compile_ahead, "first_calls", lambda model, gemvs, dtype, device: [])
     monkeypatch.setattr(compile_ahead, "WORKERS", 1)
     with pytest.raises(KeyError, match="loading failed"):
         with compiling_ahead(None, None, torch.bfloat16, CPU):
@@ -164,6 +164,35 @@ def test_prefill_calls_come_once_per_quantized_class():
     weight = calls[0]()
     assert weight.shape == (1, 128) and weight.dtype == torch.bfloat16 and bool((weight == weight[0, 0]).all())
     assert compile_ahead.prefill_calls(gemvs[2:], torch.bfloat16, CPU) == []
+
+
+def test_stand_in_calls_run_once_per_machine(tmp_path, monkeypatch):
+    """With a kernel-choices file, each call keeps its mark once it has run; a later process (a new file object)
+    runs none of them when all are kept, all of them when one is missing; a call that raised keeps nothing. Without
+    a file every call runs every time."""
+    monkeypatch.setattr(choices, "machine_identity", lambda device: "this machine")
+    monkeypatch.setattr(choices, "_file", choices.current())  # restored however the test ends
+    ran = []
+    calls = [functools.partial(ran.append, "a"), functools.partial(ran.append, "b")]
+    choices.remember_in(None)
+    assert compile_ahead.once_per_machine(calls, ("k",), CPU) == calls
+    path = tmp_path / "choices.json"
+    choices.remember_in(path)
+    for call in compile_ahead.once_per_machine(calls, ("k",), CPU):
+        call()
+    assert ran == ["a", "b"]
+    choices.remember_in(path)
+    assert compile_ahead.once_per_machine(calls, ("k",), CPU) == []
+    assert len(compile_ahead.once_per_machine(calls, ("other",), CPU)) == 2
+    assert len(compile_ahead.once_per_machine([*calls, calls[0]], ("k",), CPU)) == 3  # one more: all run again
+
+    def fails():
+        raise RuntimeError("no such kernel")
+
+    with pytest.raises(RuntimeError):
+        compile_ahead.once_per_machine([fails], ("failing",), CPU)[0]()
+    choices.remember_in(path)
+    assert len(compile_ahead.once_per_machine([fails], ("failing",), CPU)) == 1
 
 
 def test_nothing_compiles_ahead_on_the_cpu(monkeypatch):
