@@ -5,7 +5,12 @@ the norms, RoPE, attentions and sampling."""
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import pkgutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,3 +104,77 @@ def test_a_first_request_compiles_nothing_after_the_loading(tiny_checkpoint, pre
                 "_decode_attention_split_kernel", "_decode_attention_combine_kernel", "_sample_kernel",
                 *(["_dequant_nf4_kernel"] if precision == "nf4" else [])]
     assert [name for name in expected if name not in names] == []
+
+
+# ----- without a GPU: what Triton would compile --------------------------------------------------------------------
+
+_RECORD = """
+import json, sys, torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from runtime import model as model_code
+from runtime.config import bundled_config
+from runtime.loader import load_model
+from runtime.stand_in_frame import run_stack_forms
+from test_model import frames_sequence
+
+
+class TargetOnly:  # a driver that knows an sm_90 target and nothing else: Triton specializes, nothing launches
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+driver.set_active(TargetOnly())
+keys = []
+triton.knobs.runtime.jit_cache_hook = lambda **kw: keys.append(f"{kw['fn'].name} {kw['key']}") or True  # skip
+model_code.fused_kernels = lambda x: x.dtype == torch.bfloat16 and not torch.is_grad_enabled()  # our kernels
+cpu = torch.device("cpu")
+recorded = {}
+for config in ("tiny", "s2-pro"):
+    keys.clear()
+    run_stack_forms(bundled_config(config), torch.bfloat16, cpu)
+    recorded[config] = sorted(set(keys))
+keys.clear()
+model = load_model(sys.argv[1], cpu, torch.bfloat16).model
+prompt = frames_sequence(model.config, 30, 7, seed=1)  # [1, 11, 37]
+with torch.inference_mode():
+    model.setup_caches(2048, torch.bfloat16, cpu)  # 16 splits, divisible by 16 unlike the stand-in's 2
+    model.forward_slow(prompt, 0)
+    model.forward_slow(prompt[..., -1:], torch.tensor([37]))
+    hidden = torch.zeros(1, 1, model.config.fast.dim, dtype=torch.bfloat16)
+    for position in range(3):
+        model.forward_fast(hidden, position)
+recorded["request"] = sorted(set(keys))
+print(json.dumps(recorded))
+"""
+
+
+def test_the_stand_ins_specialize_as_a_request_does(tiny_checkpoint):
+    """What Triton would compile (its JIT hook, under a driver that only names an sm_90 target; run in a process of
+    its own): the tiny model's prefill of 37 tokens, a decode step at a position on the device over a 2048-slot
+    cache and three fast-AR positions ask for no kernel the stand-in forms of its config do not, and for all nine
+    (the norm with and without the residual add, RoPE in three forms, SiLU x up, the short attention, the split
+    attention and its combine); the stand-ins of another config (S2 Pro's) cover none but SiLU x up."""
+    pytest.importorskip("triton.backends.nvidia")
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", _RECORD, str(tiny_checkpoint)], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    recorded = json.loads(done.stdout.splitlines()[-1])
+    request, stand_ins = set(recorded["request"]), set(recorded["tiny"])
+    assert sorted(request - stand_ins) == []
+    names = {key.split(" ", 1)[0] for key in request}
+    assert names == {"_rms_norm_kernel", "_norm_rope_kernel", "_silu_mul_kernel", "_short_attention_kernel",
+                     "_decode_attention_split_kernel", "_decode_attention_combine_kernel"}
+    assert len(request) == 9
+    other = {key.split(" ", 1)[0] for key in request - set(recorded["s2-pro"])}
+    assert other == names - {"_silu_mul_kernel"}  # one SiLU x up serves both: both widths are multiples of 16
