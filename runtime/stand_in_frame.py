@@ -10,8 +10,9 @@ block per stack whose linear layers return zeros (the GEMVs, and NF4's dequantiz
 Triton specializes on as the real one does: dtypes, constexprs (the stack's dims and heads, the sampling's top_k),
 views at the same offsets and integers of the same divisibility (the integers that follow the request, such as the
 cache capacity and the prompt's length, are not specialized by the kernels). A request with another top_k than
-the default compiles its sampling kernel when it comes. On a GPU, tests/test_stand_in_frame.py checks that a
-first request after loading compiles nothing.
+the default compiles its sampling kernel when it comes. tests/test_stand_in_frame.py checks, on a GPU, that a
+first request after loading compiles nothing, and on the CPU (Triton's JIT hook) that the stand-ins ask for every
+kernel variant a request's stacks do.
 """
 
 from __future__ import annotations
