@@ -16,7 +16,6 @@ cache.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ from torch import nn
 
 from quant.base import FloatLinear, QuantizedLinear
 from quant.kernels import choices, kernels_supported
-from runtime.stand_in_frame import frame_calls
+from runtime.stand_in_frame import frame_calls, frame_key
 
 LayerClass = type[FloatLinear] | type[QuantizedLinear]
 
@@ -101,9 +100,8 @@ def first_calls(model: nn.Module, gemvs: list[DecodeGemv], dtype: torch.dtype,
                 device: torch.device) -> list[Callable[[], Any]]:
     """The stand-in calls of a request's other kernels and of the prefill's, for `model` (a DualAR on the meta
     device) and its `gemvs`: once per machine."""
-    model_key = hashlib.sha256(repr(model.config).encode()).hexdigest()[:16]
     classes = sorted({g.layer.__name__ for g in gemvs})
-    return (once_per_machine(frame_calls(model, dtype, device), ("stand-in frame", model_key, dtype), device)
+    return (once_per_machine(frame_calls(model, dtype, device), frame_key(model, dtype), device)
             + once_per_machine(prefill_calls(gemvs, dtype, device), ("prefill", *classes, dtype), device))
 
 

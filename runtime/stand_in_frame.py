@@ -17,6 +17,7 @@ kernel variant a request's stacks do.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable
 
 import torch
@@ -29,6 +30,7 @@ from runtime.sampling import SamplingParams, sample
 
 PREFILL_TOKENS = 2  # any prompt length compiles the same kernels
 SLOW_SLOTS = 256  # any capacity does (runtime.engine rounds the real one up to a multiple of 256)
+SAMPLING = SamplingParams()  # the default; a request with another top_k compiles its draw kernel when it comes
 LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
 
@@ -92,4 +94,10 @@ def frame_calls(model: DualAR, dtype: torch.dtype, device: torch.device) -> list
     default sampling; each compiles kernels the other does not."""
     config, legal_tokens = model.config, model.legal_ids.numel()
     return [lambda: run_stack_forms(config, dtype, device),
-            lambda: sample_both_heads(config, legal_tokens, dtype, device, SamplingParams())]
+            lambda: sample_both_heads(config, legal_tokens, dtype, device, SAMPLING)]
+
+
+def frame_key(model: DualAR, dtype: torch.dtype) -> tuple:
+    """What the kernels of frame_calls depend on besides the GPU, the libraries and the kernels' sources: the
+    model's configuration (hashed), the dtype and the sampling's top_k."""
+    return "stand-in frame", hashlib.sha256(repr(model.config).encode()).hexdigest()[:16], dtype, SAMPLING.top_k

@@ -18,11 +18,12 @@ from torch import nn
 
 from quant.kernels import choices
 from runtime import compile_ahead, stand_in_frame
+from runtime.config import bundled_config
 from runtime.engine import GenerationConfig, generate
 from runtime.loader import WeightFormats, load_model
 from runtime.meta import meta_device
 from runtime.model import Block, DualAR
-from runtime.stand_in_frame import ZeroLinear, frame_calls, stand_in_stack
+from runtime.stand_in_frame import ZeroLinear, frame_calls, frame_key, stand_in_stack
 from test_model import frames_sequence
 
 CPU = torch.device("cpu")
@@ -50,6 +51,15 @@ def test_the_stand_in_forms_run_on_the_cpu(tiny_config):
     assert len(calls) == 2
     for call in calls:
         call()
+
+
+def test_the_frame_key_follows_the_model_and_dtype(tiny_config):
+    """The mark of the stand-ins (compile_ahead.once_per_machine) is the same for the same model and dtype only."""
+    with meta_device():
+        tiny, again, full = DualAR(tiny_config), DualAR(tiny_config), DualAR(bundled_config("s2-pro"))
+    key = frame_key(tiny, torch.bfloat16)
+    assert key == frame_key(again, torch.bfloat16)
+    assert key != frame_key(full, torch.bfloat16) and key != frame_key(tiny, torch.float32)
 
 
 # ----- on a GPU --------------------------------------------------------------------------------------------------
