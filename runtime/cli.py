@@ -297,7 +297,7 @@ def synthesize(
     prepared = _beside_the_load(open_decoder) if output is not None and target.type == "cuda" else None
     if kernels_supported(target) and compile_cache_empty():
         click.echo("note: Triton's kernel cache is empty: the GPU kernels compile while the model loads and in the "
-                   "first frame (once per machine: that run took 19-33 s on an H100 host, later ones 5-6 s)", err=True)
+                   "first frame (once per machine: that run took 13-31 s on H100 hosts, later ones 5-6 s)", err=True)
     loaded = None
     for chosen in (choice.plan, *fallbacks(choice)):
         formats = WeightFormats(chosen.slow_format, chosen.fast_format)
@@ -307,7 +307,7 @@ def synthesize(
             with click.progressbar(length=header.total_bytes(), label="loading", file=sys.stderr) as bar:
                 loaded = load_model(checkpoint, target, PRECISIONS.get(chosen.slow_format, torch.bfloat16),
                                     on_tensor=lambda _k, n: bar.update(n), formats=formats, store=store,
-                                    embeddings_on_host=chosen.embeddings_on_host)
+                                    embeddings_on_host=chosen.embeddings_on_host, sampling=sampling)
             for warning in loaded.warnings:
                 click.echo(f"warning: {warning}", err=True)
             break

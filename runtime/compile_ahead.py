@@ -28,6 +28,7 @@ from torch import nn
 
 from quant.base import FloatLinear, QuantizedLinear
 from quant.kernels import choices, kernels_supported
+from runtime.sampling import SamplingParams
 from runtime.stand_in_frame import frame_calls, frame_key
 
 LayerClass = type[FloatLinear] | type[QuantizedLinear]
@@ -96,12 +97,12 @@ def prefill_calls(gemvs: list[DecodeGemv], dtype: torch.dtype, device: torch.dev
     return [call for cls in classes for call in cls.prefill_ahead_calls(dtype, device)]
 
 
-def first_calls(model: nn.Module, gemvs: list[DecodeGemv], dtype: torch.dtype,
-                device: torch.device) -> list[Callable[[], Any]]:
+def first_calls(model: nn.Module, gemvs: list[DecodeGemv], dtype: torch.dtype, device: torch.device,
+                sampling: SamplingParams) -> list[Callable[[], Any]]:
     """The stand-in calls of a request's other kernels and of the prefill's, for `model` (a DualAR on the meta
-    device) and its `gemvs`: once per machine."""
+    device), its `gemvs` and the first request's `sampling`: once per machine."""
     classes = sorted({g.layer.__name__ for g in gemvs})
-    return (once_per_machine(frame_calls(model, dtype, device), frame_key(model, dtype), device)
+    return (once_per_machine(frame_calls(model, dtype, device, sampling), frame_key(model, dtype, sampling), device)
             + once_per_machine(prefill_calls(gemvs, dtype, device), ("prefill", *classes, dtype), device))
 
 
@@ -170,15 +171,15 @@ _abandoned: list[threading.Thread] = []  # threads of abandoned compiles that ma
 
 @contextmanager
 def compiling_ahead(model: nn.Module, layer_class: Callable[[str], LayerClass], dtype: torch.dtype,
-                    device: torch.device) -> Iterator[None]:
-    """Compile `model`'s kernels (a DualAR on the meta device) on `device` while the block runs (the loading); wait
-    for them at its end, or drop those not started where it raises. Nothing where our kernels do not run on
-    `device`."""
+                    device: torch.device, sampling: SamplingParams = SamplingParams()) -> Iterator[None]:
+    """Compile `model`'s kernels (a DualAR on the meta device) on `device`, those of draws with `sampling`, while the
+    block runs (the loading); wait for them at its end, or drop those not started where it raises. Nothing where
+    our kernels do not run on `device`."""
     if not kernels_supported(device):
         yield
         return
     gemvs = decode_gemvs(model, layer_class)
-    compiles = AheadCompiles(gemvs, dtype, device, first=first_calls(model, gemvs, dtype, device))
+    compiles = AheadCompiles(gemvs, dtype, device, first=first_calls(model, gemvs, dtype, device, sampling))
     try:
         yield
     except BaseException:

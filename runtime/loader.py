@@ -29,6 +29,7 @@ from runtime.files import file_fingerprint
 from runtime.meta import meta_device
 from runtime.model import DualAR
 from runtime.safetensors_io import cuda_staging
+from runtime.sampling import SamplingParams
 from runtime.tokenizer import Tokenizer
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -192,12 +193,14 @@ def load_model(
     formats: WeightFormats = WeightFormats(),
     store: Path | None = None,
     embeddings_on_host: bool = False,
+    sampling: SamplingParams = SamplingParams(),
 ) -> LoadedModel:
     """Open, validate and load a checkpoint. `on_tensor(key, nbytes)` reports progress per tensor read.
 
     With quantized `formats` and a `store` path: reuse the store if it was made from these files, else quantize
     while loading and write the store for next time. `embeddings_on_host` keeps the text embedding table in host
-    RAM (read at prefill only; the head's legal rows are copied to `device`).
+    RAM (read at prefill only; the head's legal rows are copied to `device`). `sampling`: the settings the first
+    request will draw with, whose kernel then compiles while loading (runtime/stand_in_frame.py).
     """
     checkpoint = open_checkpoint(folder)
     validate(checkpoint, allow_extra_suffixes=(SCALE_SUFFIX,))
@@ -208,7 +211,7 @@ def load_model(
     with meta_device():
         model = DualAR(config)
     model.legal_ids = model.legal_ids.to(device)
-    with compiling_ahead(model, functools.partial(layer_class, checkpoint, formats), dtype, device):
+    with compiling_ahead(model, functools.partial(layer_class, checkpoint, formats), dtype, device, sampling):
         warnings = fill_model(model, checkpoint, device, dtype, on_tensor, formats, store, embeddings_on_host)
     model.eval()
     return LoadedModel(model, tokenizer, checkpoint, tuple(warnings))

@@ -9,10 +9,10 @@ block per stack whose linear layers return zeros (the GEMVs, and NF4's dequantiz
 `QuantizedLinear.prefill_ahead_calls`, compile apart) and whose cache is small, so every launch gets the arguments
 Triton specializes on as the real one does: dtypes, constexprs (the stack's dims and heads, the sampling's top_k),
 views at the same offsets and integers of the same divisibility (the integers that follow the request, such as the
-cache capacity and the prompt's length, are not specialized by the kernels). A request with another top_k than
-the default compiles its sampling kernel when it comes. tests/test_stand_in_frame.py checks, on a GPU, that a
-first request after loading compiles nothing, and on the CPU (Triton's JIT hook) that the stand-ins ask for every
-kernel variant a request's stacks do.
+cache capacity and the prompt's length, are not specialized by the kernels). The draws use the sampling settings
+the loading was given (load_model's `sampling`): a request with another top_k compiles its sampling kernel when it
+comes. tests/test_stand_in_frame.py checks, on a GPU, that a first request after loading compiles nothing, and on
+the CPU (Triton's JIT hook) that the stand-ins ask for every kernel variant a request's stacks do.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from runtime.sampling import SamplingParams, sample
 
 PREFILL_TOKENS = 2  # any prompt length compiles the same kernels
 SLOW_SLOTS = 256  # any capacity does (runtime.engine rounds the real one up to a multiple of 256)
-SAMPLING = SamplingParams()  # the default; a request with another top_k compiles its draw kernel when it comes
 LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
 
@@ -89,15 +88,16 @@ def sample_both_heads(config: ModelConfig, legal_tokens: int, dtype: torch.dtype
         sample(torch.zeros(width, dtype=dtype, device=device), params, generator)
 
 
-def frame_calls(model: DualAR, dtype: torch.dtype, device: torch.device) -> list[Callable[[], object]]:
-    """The calls that compile the non-GEMV kernels of a request to `model` (on the meta device is enough), with the
-    default sampling; each compiles kernels the other does not."""
+def frame_calls(model: DualAR, dtype: torch.dtype, device: torch.device,
+                sampling: SamplingParams) -> list[Callable[[], object]]:
+    """The calls that compile the non-GEMV kernels of a request to `model` (on the meta device is enough) that
+    draws with `sampling`; each compiles kernels the other does not."""
     config, legal_tokens = model.config, model.legal_ids.numel()
     return [lambda: run_stack_forms(config, dtype, device),
-            lambda: sample_both_heads(config, legal_tokens, dtype, device, SAMPLING)]
+            lambda: sample_both_heads(config, legal_tokens, dtype, device, sampling)]
 
 
-def frame_key(model: DualAR, dtype: torch.dtype) -> tuple:
+def frame_key(model: DualAR, dtype: torch.dtype, sampling: SamplingParams) -> tuple:
     """What the kernels of frame_calls depend on besides the GPU, the libraries and the kernels' sources: the
     model's configuration (hashed), the dtype and the sampling's top_k."""
-    return "stand-in frame", hashlib.sha256(repr(model.config).encode()).hexdigest()[:16], dtype, SAMPLING.top_k
+    return "stand-in frame", hashlib.sha256(repr(model.config).encode()).hexdigest()[:16], dtype, sampling.top_k

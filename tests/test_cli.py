@@ -83,7 +83,7 @@ def test_each_line_is_a_take_of_its_own_from_one_load(device, tiny_checkpoint, t
     (tmp_path / "lines.txt").write_text("First line here.\n\n  Second, a little longer line.  \nThird.\n")
     loads, opens = [], []
     real_load, real_open = cli.load_model, cli.open_codec
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: loads.append(k["sampling"].top_k) or real_load(*a, **k))
     monkeypatch.setattr(cli, "open_codec",
                         lambda *a, **k: opens.append(threading.current_thread().name) or real_open(*a, **k))
     from runtime import speaker
@@ -102,7 +102,7 @@ def test_each_line_is_a_take_of_its_own_from_one_load(device, tiny_checkpoint, t
 
     result = from_file(out / "take.npy", "-o", out / "take.flac", "--codec", codec, "--seed", "0")
     assert result.exit_code == 0, result.output
-    assert loads == [1] and len(opens) == 1 and (opens[0] == "MainThread") == (device == "cpu"), opens
+    assert loads == [1] and len(opens) == 1  # one load, told the --top-k its draws compile for and (opens[0] == "MainThread") == (device == "cpu"), opens
     # on a GPU the codec's thread is done before the frame loop (and its graph capture) begins
     assert events == ["warmed up"] * (device == "cuda") + ["generating"] * 3
     assert sorted(p.name for p in out.iterdir()) == [f"take-000{i}.{ext}" for i in (1, 2, 3) for ext in ("flac", "npy")]

@@ -23,6 +23,7 @@ from runtime.engine import GenerationConfig, generate
 from runtime.loader import WeightFormats, load_model
 from runtime.meta import meta_device
 from runtime.model import Block, DualAR
+from runtime.sampling import SamplingParams
 from runtime.stand_in_frame import ZeroLinear, frame_calls, frame_key, stand_in_stack
 from test_model import frames_sequence
 
@@ -47,19 +48,22 @@ def test_the_stand_in_forms_run_on_the_cpu(tiny_config):
     """The model's own code on the stand-ins (torch's path here): the calls' arguments fit it."""
     with meta_device():
         model = DualAR(tiny_config)
-    calls = frame_calls(model, torch.bfloat16, CPU)
+    calls = frame_calls(model, torch.bfloat16, CPU, SamplingParams())
     assert len(calls) == 2
     for call in calls:
         call()
 
 
 def test_the_frame_key_follows_the_model_and_dtype(tiny_config):
-    """The mark of the stand-ins (compile_ahead.once_per_machine) is the same for the same model and dtype only."""
+    """The mark of the stand-ins (compile_ahead.once_per_machine) is the same for the same model, dtype and top_k
+    only."""
     with meta_device():
         tiny, again, full = DualAR(tiny_config), DualAR(tiny_config), DualAR(bundled_config("s2-pro"))
-    key = frame_key(tiny, torch.bfloat16)
-    assert key == frame_key(again, torch.bfloat16)
-    assert key != frame_key(full, torch.bfloat16) and key != frame_key(tiny, torch.float32)
+    default = SamplingParams()
+    key = frame_key(tiny, torch.bfloat16, default)
+    assert key == frame_key(again, torch.bfloat16, SamplingParams(temperature=0.5, top_p=0.6))  # top_k alone counts
+    assert key != frame_key(full, torch.bfloat16, default) and key != frame_key(tiny, torch.float32, default)
+    assert key != frame_key(tiny, torch.bfloat16, SamplingParams(top_k=50))
 
 
 # ----- on a GPU --------------------------------------------------------------------------------------------------
