@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,8 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="Another checkout's root folder, run alternately.")
     parser.add_argument("--precisions", default="nf4,bf16")
     parser.add_argument("--again", type=int, default=2, help="Runs after the first, per checkout and precision.")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="Whole rounds, each starting again from empty caches (first runs vary by seconds).")
     parser.add_argument("--frames", type=int, default=64)
     args = parser.parse_args()
     checkpoint = args.workdir / "s2-pro"
@@ -58,15 +61,19 @@ def main() -> None:
     subprocess.run(["sync"], check=True)  # the checkpoint's writeback would slow the first run's reads otherwise
     checkouts = {"this": ROOT} | ({"baseline": args.baseline.resolve()} if args.baseline else {})
     rows = []
-    for precision in args.precisions.split(","):
-        for run in range(1 + args.again):
-            for name, checkout in checkouts.items():
-                print(f"== {name} {precision} {'first' if run == 0 else 'again'}", flush=True)
-                row = synthesize(checkout, checkpoint, precision, args.workdir / f"state-{name}-{precision}",
-                                 args.frames)
-                rows.append(row | {"checkout": name, "precision": precision, "run": "first" if run == 0 else "again"})
+    for round_ in range(1, args.rounds + 1):
+        for precision in args.precisions.split(","):
+            for run in range(1 + args.again):
+                for name, checkout in checkouts.items():
+                    print(f"== round {round_}: {name} {precision} {'first' if run == 0 else 'again'}", flush=True)
+                    state = args.workdir / f"state-{name}-{precision}"
+                    if run == 0:  # a first run: Triton's cache and the cache folder empty, whatever ran before
+                        shutil.rmtree(state, ignore_errors=True)
+                    row = synthesize(checkout, checkpoint, precision, state, args.frames)
+                    rows.append(row | {"round": round_, "checkout": name, "precision": precision,
+                                       "run": "first" if run == 0 else "again"})
     props = torch.cuda.get_device_properties(0)
-    table = phase_table(rows, ["checkout", "precision", "run"])
+    table = phase_table(rows, ["round", "checkout", "precision", "run"])
     date, notes = run_notes()
     write_page(args.out, "first-run", props.name, date, [
         f"# The first run on a machine: `s2edge synthesize` with an empty Triton cache ({props.name})", "", *notes,
