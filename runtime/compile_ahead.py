@@ -70,7 +70,7 @@ def once_per_machine(calls: list[Callable[[], Any]], key: tuple, device: torch.d
     """`calls`, each keeping its mark under `key` in the kernel-choices file (quant/kernels/choices.py: per GPU,
     library versions and kernel sources) once it has run; none where an earlier process kept all their marks.
     Their kernels are then in Triton's cache, and loading them from there in the first frame costs less than
-    running the stand-ins beside the loading, which took it 0.4-0.6 s longer (a cache emptied since then only
+    running the stand-ins beside the loading, which took it 0.4-0.7 s longer (a cache emptied since then only
     means that the first frame compiles them). Every call where no file is kept."""
     file = choices.current()
     if file is None:
