@@ -296,8 +296,8 @@ def synthesize(
     open_decoder = lambda: open_codec(codec_file, codec_arch, device, "auto", with_encoder=False)  # noqa: E731
     prepared = _beside_the_load(open_decoder) if output is not None and target.type == "cuda" else None
     if kernels_supported(target) and compile_cache_empty():
-        click.echo("note: Triton's kernel cache is empty: the GPU kernels compile while the model loads and in the "
-                   "first frame (once per machine: that run took 13-31 s on H100 hosts, later ones 5-6 s)", err=True)
+        click.echo("note: Triton's kernel cache is empty: the GPU kernels compile while the model loads (once per "
+                   "machine: that run took 13-31 s on H100 and H200 hosts, later ones 4.5-6 s)", err=True)
     loaded = None
     for chosen in (choice.plan, *fallbacks(choice)):
         formats = WeightFormats(chosen.slow_format, chosen.fast_format)
