@@ -21,7 +21,9 @@ past the arithmetic, wo's time is that of its memory traffic arriving in one wav
 Programmatic dependent launch, with the weights loaded before `griddepcontrol.wait` so that they stream under the
 previous kernel, gained nothing that stays correct: ptxas hoists the `.nc` x loads above the wait, which then read
 the previous layer's x, and x loads it keeps below the wait made every chain slower (section 13). Nor do TMA
-tile copies read faster than plain loads (their read floor is 7-9 % above, section 14).
+tile copies read faster than plain loads (their read floor is 7-9 % above, section 14), nor fewer bytes:
+bitsandbytes' uint8 block scales read as stored ran no faster even without decoding them, and 17-22 % slower with
+the lookup of their 256-entry map (section 15).
 
 Layout (bitsandbytes' packed rows, read as int32 words; see gemv_nf4.py): each lane owns 16-column units
 u = lane + 32 i of a row (one 8-byte load of two words, two 16-byte loads of bf16 x, one block scale) and keeps
