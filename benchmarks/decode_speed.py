@@ -152,17 +152,28 @@ def greedy_gap(model, prompt: torch.Tensor, frames: int) -> float:
     return float((logits.max(dim=1, keepdim=True).values - chosen).max() / logits.std())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def full_size_arguments(parser: argparse.ArgumentParser, plans: str) -> None:
+    """The arguments of the benchmarks on the full-size checkpoint: where it lives, where the page goes, which
+    plans (default `plans`), and whether torch's cuDNN attention stays (see `attention_as_the_cli`)."""
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/s2edge-full"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--frames", type=int, default=128)
-    parser.add_argument("--plans", default=",".join(PLANS), help=f"comma-separated subset of: {', '.join(PLANS)}")
+    parser.add_argument("--plans", default=plans, help=f"comma-separated subset of: {', '.join(PLANS)}")
     parser.add_argument("--cudnn-attention", action="store_true",
                         help="Keep cuDNN among torch's attention backends (torch's default; the CLI leaves it out).")
-    args = parser.parse_args()
+
+
+def attention_as_the_cli(args: argparse.Namespace) -> None:
+    """Leave cuDNN out of torch's attention backends, as the CLI does, unless --cudnn-attention."""
     if not args.cudnn_attention:
-        skip_cudnn_attention()  # as the CLI does
+        skip_cudnn_attention()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    full_size_arguments(parser, ",".join(PLANS))
+    parser.add_argument("--frames", type=int, default=128)
+    args = parser.parse_args()
+    attention_as_the_cli(args)
 
     ckpt = full_checkpoint(args.workdir)
     rows = []

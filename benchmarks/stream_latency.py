@@ -29,12 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from decode_speed import PLANS, full_checkpoint, plan_and_prompts  # noqa: E402
+from decode_speed import attention_as_the_cli, full_checkpoint, full_size_arguments, plan_and_prompts  # noqa: E402
 from report import run_notes, write_measured  # noqa: E402
 
 from runtime.codec import Codec, CodecConfig, DecodeStream, load_codec  # noqa: E402
 from runtime.decode import FrameLoop  # noqa: E402
-from runtime.devices import skip_cudnn_attention  # noqa: E402
 from runtime.engine import GenerationConfig, generate  # noqa: E402
 from runtime.stream_out import BackgroundDecoder  # noqa: E402
 from runtime.synthetic_codec import write_synthetic_codec  # noqa: E402
@@ -99,16 +98,11 @@ def ms_per_frame(stamps: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/s2edge-full"))
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    full_size_arguments(parser, "bf16,nf4-all")
     parser.add_argument("--frames", type=int, default=129, help="frames per generation (1 + 8 pieces of 16)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--plans", default="bf16,nf4-all", help=f"comma-separated subset of: {', '.join(PLANS)}")
-    parser.add_argument("--cudnn-attention", action="store_true",
-                        help="Keep cuDNN among torch's attention backends (torch's default; the CLI leaves it out).")
     args = parser.parse_args()
-    if not args.cudnn_attention:
-        skip_cudnn_attention()  # as the CLI does
+    attention_as_the_cli(args)
 
     ckpt = full_checkpoint(args.workdir)
     codec = full_codec(args.workdir)
