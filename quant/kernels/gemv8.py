@@ -3,7 +3,10 @@ weights (no scale), where it is 1.15-1.49x faster than cuBLAS on S2's shapes (H1
 
 y[n] = scale[n] * sum_k x[k] * q[n, k], accumulated in fp32. Each weight is read once, straight from the stored
 layout. FP8 uses the hardware conversion on sm_89+; Triton cannot compile float8_e4m3fn for older cards, so there
-the kernel decodes the bits with integer operations (exact for every finite e4m3 value).
+the kernel decodes the bits with integer operations (exact for every finite e4m3 value). INT8 converts with the
+integer-to-float instruction: decoding without it (the byte plus 128 in the mantissa of 2^23, then a subtraction;
+three integer and float operations for one quarter-rate conversion) ran 7-19 % slower on every S2 shape (H200,
+alternated with this form, benchmarks/results/gemv-nvidia-h200-2026-11-27.md, last section).
 
 Layout: a program holds a [BLOCK_N, BLOCK_K] tile of weights (16-byte loads) and the matching x once for all its
 rows, accumulates products elementwise, and reduces across threads only once, at the end.
