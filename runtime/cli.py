@@ -297,7 +297,7 @@ def synthesize(
     prepared = _beside_the_load(open_decoder) if output is not None and target.type == "cuda" else None
     if kernels_supported(target) and compile_cache_empty():
         click.echo("note: Triton's kernel cache is empty: the GPU kernels compile while the model loads (once per "
-                   "machine: that run took 13-31 s on H100 and H200 hosts, later ones 4.5-6 s)", err=True)
+                   "machine: that run took 13-31 s on H100 and H200 hosts, later ones 4.5-6.2 s)", err=True)
     loaded = None
     for chosen in (choice.plan, *fallbacks(choice)):
         formats = WeightFormats(chosen.slow_format, chosen.fast_format)
