@@ -195,6 +195,12 @@ EXPECTED = {
     "RTX 4080": ("bf16", "16 GiB"),
     "RTX 4090": ("bf16", "24 GiB"),
     "RTX 5090": ("bf16", "32 GiB"),
+    "RTX 5080": ("bf16", "16 GiB"),
+    "RTX 5070 Ti": ("bf16", "16 GiB"),
+    "RTX 5070": ("bf16", "12 GiB, as the 4070"),
+    "RTX 5060 Ti 16GB": ("bf16", "16 GiB"),
+    "RTX 5060 Ti 8GB": ("fp8", "8 GiB, 12.0: as the 4060"),
+    "RTX 5060": ("fp8", "8 GiB, 12.0: as the 4060"),
     "RTX 3070": ("int8", "8 GiB, 8.6: bf16 10.86 > 7.50; 8-bit 7.11 <= 7.50"),
     "RTX 4060": ("fp8", "8 GiB, 8.9: 8-bit 7.10 <= 7.50"),
     "RTX 2060": (None, "6 GiB, 7.5: bf16 math attention holds [32, L, L] scores (2.0 GiB at 4k): nf4+host-embed 6.75"),
@@ -373,6 +379,9 @@ def test_find_gpu_by_loose_names():
     assert find_gpu("H100").name == "H100 80GB"
     with pytest.raises(InputError, match="matches several cards: RTX 3080 10GB, RTX 3080 12GB"):
         find_gpu("3080")
+    assert find_gpu("RTX 5060").name == "RTX 5060"  # an exact name wins over the Ti cards it is part of
+    with pytest.raises(InputError, match="matches several cards: RTX 5060 Ti 16GB, RTX 5060 Ti 8GB"):
+        find_gpu("5060 Ti")
     with pytest.raises(InputError, match="unknown GPU 'RTX 4090 Mega'; did you mean RTX 4090"):
         find_gpu("RTX 4090 Mega")
     with pytest.raises(InputError, match="unknown GPU 'Radeon VII' \\(known cards"):
