@@ -97,7 +97,7 @@ def prefill_calls(gemvs: list[DecodeGemv], dtype: torch.dtype, device: torch.dev
     return [call for cls in classes for call in cls.prefill_ahead_calls(dtype, device)]
 
 
-def first_calls(model: nn.Module, gemvs: list[DecodeGemv], dtype: torch.dtype, device: torch.device,
+def stand_in_calls(model: nn.Module, gemvs: list[DecodeGemv], dtype: torch.dtype, device: torch.device,
                 sampling: SamplingParams) -> list[Callable[[], Any]]:
     """The stand-in calls of a request's other kernels and of the prefill's, for `model` (a DualAR on the meta
     device), its `gemvs` and the first request's `sampling`: once per machine."""
@@ -179,7 +179,7 @@ def compiling_ahead(model: nn.Module, layer_class: Callable[[str], LayerClass], 
         yield
         return
     gemvs = decode_gemvs(model, layer_class)
-    compiles = AheadCompiles(gemvs, dtype, device, first=first_calls(model, gemvs, dtype, device, sampling))
+    compiles = AheadCompiles(gemvs, dtype, device, first=stand_in_calls(model, gemvs, dtype, device, sampling))
     try:
         yield
     except BaseException:

@@ -132,7 +132,7 @@ def test_an_error_while_loading_drops_the_compiles_not_started(monkeypatch):
 
     monkeypatch.setattr(compile_ahead, "kernels_supported", lambda device: True)
     monkeypatch.setattr(compile_ahead, "decode_gemvs", lambda model, layer_class: [DecodeGemv(Slow, 8, 4)])
-    monkeypatch.setattr(compile_ahead, "first_calls", lambda *args: [])
+    monkeypatch.setattr(compile_ahead, "stand_in_calls", lambda *args: [])
     monkeypatch.setattr(compile_ahead, "WORKERS", 1)
     with pytest.raises(KeyError, match="loading failed"):
         with compiling_ahead(None, None, torch.bfloat16, CPU):
